@@ -1,0 +1,425 @@
+"""Pure TensorFlow operations of Coded Deep Learning (CDL): no Keras in here.
+
+The conditional probability mass function (CPMF) of CDL maps a real value
+`theta` to a distribution over the uniform reconstruction levels `i * q`,
+`i` in the index set `A = {lo, ..., hi}`:
+
+```
+P(i | theta) = exp(-alpha (theta - i q)^2) / sum_j exp(-alpha (theta - j q)^2)
+```
+
+Only `kappa = alpha q^2` shapes it: with `u = theta / q` the exponent is
+`-kappa (u - i)^2`.  Two quantizers are built on it:
+
+* the probabilistic quantizer `Q_p(theta) = i q` with `i ~ P(. | theta)`;
+* the soft deterministic quantizer `Q_d(theta) = sum_i i q P(i | theta)`.
+
+Every function here evaluates the CPMF on a *window* of the `window` levels
+nearest to `u` (clipped to `A`) and renormalises, so memory is
+`O(N * window)`, never `O(N * |A|)`.  All excluded levels lie at least
+`window / 2` steps from `u`, and the nearest level at most `1 / 2` step, so the
+probability mass lost to the window (relative, and so the total variation
+between the windowed and the full CPMF) is at most
+
+```
+eps(kappa, window) = 2 * sum_{k >= 0} exp(-kappa ((window / 2 + k)^2 - 1 / 4))
+```
+
+(`truncation_bound`).  Examples: window 2, kappa 4: 0.10; window 3, kappa 4:
+6.7e-4; window 5, kappa 1: 5.0e-3; window 7, kappa 1: 2.7e-5.
+
+> E.-H. Yang and S. M. Hamidi, "Coded Deep Learning: Framework and Algorithm",
+> arXiv 2501.09849, 2025.
+"""
+
+import math
+
+import tensorflow as tf
+
+__all__ = [
+    "index_range",
+    "validate_bits",
+    "validate_window",
+    "truncation_bound",
+    "window_for_bound",
+    "cpmf",
+    "full_cpmf",
+    "soft_quantize",
+    "sample_quantize",
+    "round_quantize",
+    "quantize",
+    "marginal_pmf",
+    "marginal_entropy",
+    "MODES",
+]
+
+MODES = ("cdl", "rcdl")
+_LN2 = math.log(2.0)
+
+
+def validate_bits(bits, name="bits"):
+  """Checks that `bits` is an integer from 2 to 8 and returns it."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    raise ValueError(
+        f"`{name}` must be an integer from 2 to 8, but got {bits!r}.")
+  return bits
+
+
+def validate_window(window, name="window"):
+  """Checks that `window` is an integer of at least 1 and returns it."""
+  if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    raise ValueError(
+        f"`{name}` must be an integer of at least 1, but got {window!r}.")
+  return window
+
+
+def index_range(bits, signed):
+  """Returns `(lo, hi)`, the first and last index of the level set `A`.
+
+  Signed tensors use the narrow symmetric range `[-(2^(b-1) - 1), 2^(b-1) - 1]`
+  (TFLite's int8 weights for b = 8); unsigned tensors use `[0, 2^b - 1]`
+  (TFLite's int8 activations with zero point -128 for b = 8).
+  """
+  validate_bits(bits)
+  if signed:
+    hi = 2 ** (bits - 1) - 1
+    return -hi, hi
+  return 0, 2 ** bits - 1
+
+
+def truncation_bound(kappa, window):
+  """Upper bound on the CPMF mass that a window of `window` levels drops.
+
+  Returns `2 * sum_k exp(-kappa ((window/2 + k)^2 - 1/4))` as a Python float.
+  """
+  validate_window(window)
+  if kappa <= 0:
+    raise ValueError(f"`kappa` must be positive, but got {kappa!r}.")
+  total = 0.0
+  for k in range(10000):
+    term = math.exp(-kappa * ((window / 2 + k) ** 2 - 0.25))
+    total += term
+    if term < 1e-30:
+      break
+  return min(1.0, 2.0 * total)
+
+
+def window_for_bound(kappa, eps=1e-4):
+  """Smallest window whose `truncation_bound(kappa, window)` is below `eps`."""
+  window = 1
+  while truncation_bound(kappa, window) > eps:
+    window += 1
+  return window
+
+
+def _check_mode(mode):
+  if mode not in MODES:
+    raise ValueError(f"`mode` must be one of {MODES}, but got {mode!r}.")
+
+
+def _check_float(x, name="inputs"):
+  x = tf.convert_to_tensor(x)
+  if not x.dtype.is_floating:
+    raise TypeError(
+        f"`{name}` must be a floating point tensor, but got dtype {x.dtype.name}.")
+  return x
+
+
+def _check_range(lo, hi):
+  if not (isinstance(lo, int) and isinstance(hi, int)) or lo >= hi:
+    raise ValueError(
+        f"`lo` and `hi` must be integers with lo < hi, but got {lo!r}, {hi!r}.")
+
+
+def _window_start(u, lo, hi, window):
+  """First level of the `window` levels nearest to `u`, kept inside [lo, hi]."""
+  window = min(window, hi - lo + 1)
+  start = tf.math.ceil(u - window / 2)
+  return tf.clip_by_value(start, lo, hi - window + 1), window
+
+
+def _window_probabilities(u, kappa, start, window):
+  """Returns [p_0, ..., p_{w-1}], the CPMF at levels start + j.
+
+  The logits relative to level `start` are `z_j = kappa j (2 r - j)` with
+  `r = u - start`; subtracting their maximum is the log-sum-exp shift.
+  """
+  r = u - start
+  logits = [kappa * (j * (2.0 * r - j)) for j in range(window)]
+  peak = logits[0]
+  for z in logits[1:]:
+    peak = tf.maximum(peak, z)
+  weights = [tf.exp(z - peak) for z in logits]
+  total = weights[0]
+  for e in weights[1:]:
+    total = total + e
+  return [e / total for e in weights], r
+
+
+def _unbroadcast(grad, shape):
+  """Sums `grad` down to `shape` (the inverse of broadcasting)."""
+  grad_shape = tf.shape(grad)
+  _, axes = tf.raw_ops.BroadcastGradientArgs(s0=grad_shape, s1=shape)
+  return tf.reshape(tf.reduce_sum(grad, axis=axes), shape)
+
+
+def _prepare(x, q, alpha):
+  x = _check_float(x)
+  q = tf.cast(q, x.dtype)
+  alpha = tf.cast(alpha, x.dtype)
+  return x, q, alpha
+
+
+def cpmf(x, q, alpha, lo, hi, window):
+  """The CPMF on the window of nearest levels.
+
+  Args:
+    x: float tensor, the values theta.
+    q: step size, broadcastable to `x`, positive.
+    alpha: hardness, broadcastable to `x`, positive.
+    lo: first index of A.
+    hi: last index of A.
+    window: number of levels evaluated per element.
+
+  Returns:
+    `(levels, probs)`, both of shape `x.shape + [min(window, hi - lo + 1)]`:
+    the level indices (as floats) and their renormalised probabilities.
+  """
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  u = x / q
+  start, window = _window_start(u, lo, hi, window)
+  probs, _ = _window_probabilities(u, alpha * q * q, start, window)
+  levels = tf.stack([start + j for j in range(window)], axis=-1)
+  return levels, tf.stack(probs, axis=-1)
+
+
+def full_cpmf(x, q, alpha, lo, hi):
+  """Reference CPMF over all of A (memory O(N |A|)); for tests and tables."""
+  x, q, alpha = _prepare(x, q, alpha)
+  levels = tf.range(lo, hi + 1, dtype=x.dtype)
+  u = (x / q)[..., None]
+  kappa = (alpha * q * q)[..., None]
+  return tf.nn.softmax(-kappa * tf.square(u - levels), axis=-1)
+
+
+def _soft_moments(x, q, alpha, lo, hi, window):
+  """Window moments shared by Q_d's value and its analytic gradient."""
+  u = x / q
+  kappa = alpha * q * q
+  start, window = _window_start(u, lo, hi, window)
+  probs, r = _window_probabilities(u, kappa, start, window)
+  mean_j = probs[1] if window > 1 else tf.zeros_like(u)
+  for j in range(2, window):
+    mean_j = mean_j + j * probs[j]
+  return u, kappa, start, probs, r, mean_j
+
+
+def _soft_gradients(x, q, alpha, lo, hi, window):
+  """(dQ_d/dtheta, dQ_d/dq, dQ_d/dalpha) per element, from the window.
+
+  With `a = i q`, `i = start + j` and `r = u - start`:
+  ```
+  dQ_d/dtheta = 2 alpha Var[a]            = 2 kappa Var[j]
+  dQ_d/dalpha = -Cov[a, (theta - a)^2]    = -q^3 (Cov[j, j^2] - 2 r Var[j])
+  dQ_d/dq     = E[i] + 2 alpha q Cov[i, i (theta - i q)]
+              = E[i] + 2 kappa Cov[j, (start + j)(r - j)]
+  ```
+  """
+  _, kappa, start, probs, r, mean_j = _soft_moments(x, q, alpha, lo, hi,
+                                                    window)
+  var_j = tf.zeros_like(r)
+  cov_j_jsq = tf.zeros_like(r)
+  cov_j_q = tf.zeros_like(r)
+  mean_jsq = tf.zeros_like(r)
+  mean_g = tf.zeros_like(r)
+  for j, p in enumerate(probs):
+    mean_jsq += p * (j * j)
+    mean_g += p * ((start + j) * (r - j))
+  for j, p in enumerate(probs):
+    dj = j - mean_j
+    var_j += p * dj * dj
+    cov_j_jsq += p * dj * (j * j - mean_jsq)
+    cov_j_q += p * dj * ((start + j) * (r - j) - mean_g)
+  d_theta = 2.0 * kappa * var_j
+  d_alpha = -(q * q * q) * (cov_j_jsq - 2.0 * r * var_j)
+  d_q = start + mean_j + 2.0 * kappa * cov_j_q
+  return d_theta, d_q, d_alpha
+
+
+def _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, uniform):
+  """Value `Q_d` (uniform None) or `Q_p` (inverse CDF of `uniform`).
+
+  In both cases the gradient is the analytic gradient of `Q_d`.
+  """
+
+  @tf.custom_gradient
+  def _op(x, q, alpha):
+    _, _, start, probs, _, mean_j = _soft_moments(x, q, alpha, lo, hi, window)
+    if uniform is None:
+      value = q * (start + mean_j)
+    else:
+      index = start
+      cumulative = tf.zeros_like(start)
+      for p in probs[:-1]:
+        cumulative += p
+        index += tf.cast(uniform > cumulative, x.dtype)
+      value = q * index
+
+    def grad(dy):
+      d_theta, d_q, d_alpha = _soft_gradients(x, q, alpha, lo, hi, window)
+      return (dy * d_theta,
+              _unbroadcast(dy * d_q, tf.shape(q)),
+              _unbroadcast(dy * d_alpha, tf.shape(alpha)))
+
+    return value, grad
+
+  return _op(x, q, alpha)
+
+
+def soft_quantize(x, q, alpha, lo, hi, window):
+  """Soft deterministic quantizer `Q_d(theta) = sum_i i q P(i | theta)`.
+
+  Its gradient is analytic (see `_soft_gradients`) and recomputed from the
+  inputs in the backward pass, so nothing of size `N * window` is kept.
+
+  Args:
+    x: float tensor, the values theta.
+    q: positive step size, broadcastable to `x` (scalar or per channel).
+    alpha: positive hardness, broadcastable to `x`.
+    lo: first index of A.
+    hi: last index of A.
+    window: levels evaluated per element (see module docstring for the error).
+
+  Returns:
+    `Q_d(x)`, same shape and dtype as `x`.
+  """
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  return _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, None)
+
+
+def sample_quantize(x, q, alpha, lo, hi, window, uniform=None, seed=None):
+  """Probabilistic quantizer `Q_p` with the gradient of `Q_d` (CDL mode).
+
+  The index is drawn by inverse CDF over the window with one uniform number
+  per element: `i = start + #{j < w - 1 : U > P(start) + ... + P(start + j)}`.
+  `E[Q_p(theta)] = Q_d(theta)`.
+
+  Args:
+    x, q, alpha, lo, hi, window: as in `soft_quantize`.
+    uniform: optional tensor of U(0, 1) samples shaped like `x` (for tests);
+      drawn with `tf.random.uniform(seed=seed)` when None.
+    seed: op seed for the draw.
+
+  Returns:
+    A sample of `Q_p(x)`, same shape and dtype as `x`.
+  """
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  if uniform is None:
+    uniform = tf.random.uniform(tf.shape(x), dtype=x.dtype, seed=seed)
+  uniform = tf.cast(uniform, x.dtype)
+  return _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, uniform)
+
+
+def round_quantize(x, q, lo, hi):
+  """Inference quantizer: the most probable level, `clip(round(x / q)) q`.
+
+  Ties round half to even (`tf.round`).  No gradient flows.
+  """
+  x = _check_float(x)
+  _check_range(lo, hi)
+  q = tf.cast(q, x.dtype)
+  return q * tf.clip_by_value(tf.round(x / q), lo, hi)
+
+
+def quantize(x, q, alpha, lo, hi, window, mode, training, uniform=None,
+             seed=None):
+  """The CDL quantizer with Keras `training` semantics.
+
+  * `training=False`: nearest level (`round_quantize`), deterministic.
+  * `training=True`, `mode="rcdl"`: `Q_d` forward and backward (relaxed CDL).
+  * `training=True`, `mode="cdl"`: sampled `Q_p` forward, `Q_d` backward.
+  """
+  _check_mode(mode)
+  if not training:
+    return round_quantize(x, q, lo, hi)
+  if mode == "rcdl":
+    return soft_quantize(x, q, alpha, lo, hi, window)
+  return sample_quantize(x, q, alpha, lo, hi, window, uniform, seed)
+
+
+def _flat_window(x, q, alpha, lo, hi, window, per_sample):
+  """Window probabilities and bin ids, flattened for a segment sum."""
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  u = x / q
+  start, window = _window_start(u, lo, hi, window)
+  probs, _ = _window_probabilities(u, alpha * q * q, start, window)
+  num_levels = hi - lo + 1
+  base = tf.cast(start, tf.int32) - lo
+  if per_sample:
+    batch = tf.shape(x)[0]
+    rows = tf.reshape(tf.range(batch), [-1] + [1] * (x.shape.rank - 1))
+    base = base + rows * num_levels
+    num_segments = batch * num_levels
+  else:
+    num_segments = num_levels
+  ids = tf.concat([tf.reshape(base + j, [-1]) for j in range(window)], 0)
+  flat = tf.concat([tf.reshape(p, [-1]) for p in probs], 0)
+  return flat, ids, num_segments, num_levels
+
+
+def marginal_pmf(x, q, alpha, lo, hi, window, per_sample=False):
+  """The marginal PMF `Pbar(i) = (1/N) sum_k P(i | theta_k)`.
+
+  Returns a `[hi - lo + 1]` vector (or `[batch, hi - lo + 1]` with
+  `per_sample=True`, averaging over all axes but the first).
+  """
+  flat, ids, num_segments, num_levels = _flat_window(x, q, alpha, lo, hi,
+                                                     window, per_sample)
+  sums = tf.math.unsorted_segment_sum(flat, ids, num_segments)
+  if per_sample:
+    sums = tf.reshape(sums, [-1, num_levels])
+  return sums / tf.reduce_sum(sums, axis=-1, keepdims=True)
+
+
+def marginal_entropy(x, q, alpha, lo, hi, window, per_sample=False):
+  """Entropy `H = -sum_i Pbar(i) log2 Pbar(i)` in bits per element.
+
+  Differentiable in `x`, `q` and `alpha` with no histogram and no
+  straight-through trick.  Because `sum_i dPbar(i) = 0`,
+  `dH = -sum_i dPbar(i) log2 Pbar(i)`, which is the gradient of the surrogate
+  `-(1/N) sum_k sum_j P(j | theta_k) sg[log2 Pbar(j)]` (sg: stop gradient); in
+  particular `dH/dtheta_k = -(2 alpha / N) Cov_k[a, log2 Pbar(a)]`.  The value
+  returned is the exact `H`; the gradient is the surrogate's, which avoids
+  differentiating through the scatter.
+
+  Returns:
+    A scalar (or a `[batch]` vector with `per_sample=True`).
+  """
+  flat, ids, num_segments, num_levels = _flat_window(x, q, alpha, lo, hi,
+                                                     window, per_sample)
+  sums = tf.stop_gradient(tf.math.unsorted_segment_sum(flat, ids,
+                                                       num_segments))
+  if per_sample:
+    counts = tf.reduce_sum(tf.reshape(sums, [-1, num_levels]), axis=-1)
+    pmf = tf.reshape(sums, [-1, num_levels]) / counts[:, None]
+  else:
+    counts = tf.reduce_sum(sums)
+    pmf = sums / counts
+  tiny = tf.constant(1e-30, pmf.dtype)
+  log2_pmf = tf.math.log(tf.maximum(pmf, tiny)) / _LN2
+  entropy = -tf.reduce_sum(tf.math.multiply_no_nan(log2_pmf, pmf), axis=-1)
+  weighted = flat * tf.gather(tf.reshape(log2_pmf, [-1]), ids)
+  if per_sample:
+    surrogate = -tf.math.unsorted_segment_sum(
+        weighted, ids // num_levels, tf.shape(counts)[0]) / counts
+  else:
+    surrogate = -tf.reduce_sum(weighted) / counts
+  return surrogate + tf.stop_gradient(entropy - surrogate)
