@@ -1,0 +1,82 @@
+"""`CDLModel`: a Keras model that reports its rate while it trains.
+
+The rate losses themselves are ordinary `add_loss` terms of the quantized
+layers, so any Keras model trains with them.  `CDLModel` adds the metrics
+`bits_per_weight` and `bits_per_activation` to `fit`'s logs:
+
+```
+bits_per_weight     = sum_l N_l^w H_l^w / sum_l N_l^w
+bits_per_activation = sum_l N_l^x H_l^x / sum_l N_l^x     (per sample)
+```
+
+over the quantized tensors that have a rate term, so that the training loss
+is `task + lmbda * bits_per_weight + gamma * bits_per_activation`.
+It works for Functional models (`CDLModel(inputs, outputs)`, what
+`quantize_model` returns) and as the base class of subclassed models.
+"""
+
+import tensorflow as tf
+
+from keras_cdl import introspect
+
+__all__ = ["CDLModel", "RATE_METRICS", "rate_bits"]
+
+RATE_METRICS = ("bits_per_weight", "bits_per_activation")
+
+
+def _element_count(record):
+  if record.kind == "weight":
+    return record.weight.shape.num_elements()
+  shape = record.layer.output_shape if record.kind == "activation" else (
+      record.layer.input_shape)
+  if isinstance(shape, list):
+    shape = shape[0]
+  return tf.TensorShape(shape[1:]).num_elements()
+
+
+def rate_bits(model):
+  """Element counts of the rate-carrying tensors, by metric name.
+
+  Returns:
+    `{"bits_per_weight": [(record, N), ...], "bits_per_activation": [...]}`
+    for the quantized tensors whose quantizer has a rate term.
+  """
+  groups = {name: [] for name in RATE_METRICS}
+  for record in introspect.quantized_tensors(model):
+    if record.quantizer.rate is None:
+      continue
+    key = "bits_per_weight" if record.kind == "weight" else (
+        "bits_per_activation")
+    groups[key].append((record, _element_count(record)))
+  return groups
+
+
+@tf.keras.utils.register_keras_serializable(package="keras_cdl")
+class CDLModel(tf.keras.Model):
+  """A `tf.keras.Model` whose `fit` logs `bits_per_weight` and `bits_per_activation`."""
+
+  # The Functional-like signature lets Keras save and revive it as Functional.
+  def __init__(self, inputs=None, outputs=None, name=None, trainable=True,
+               **kwargs):
+    if inputs is None and outputs is None:
+      super().__init__(name=name, trainable=trainable, **kwargs)
+    else:
+      super().__init__(inputs=inputs, outputs=outputs, name=name,
+                       trainable=trainable, **kwargs)
+    self.rate_trackers = [tf.keras.metrics.Mean(name=n) for n in RATE_METRICS]
+
+  def train_step(self, data):
+    logs = super().train_step(data)
+    for tracker, (name, items) in zip(self.rate_trackers,
+                                      rate_bits(self).items()):
+      bits = [r.quantizer.last_bits for r, _ in items]
+      if not items or any(b is None for b in bits):
+        continue
+      total = tf.add_n([tf.cast(b, tf.float32) for b in bits])
+      tracker.update_state(total / float(sum(n for _, n in items)))
+      logs[name] = tracker.result()
+    return logs
+
+  def test_step(self, data):
+    logs = super().test_step(data)
+    return {k: v for k, v in logs.items() if k not in RATE_METRICS}

@@ -1,0 +1,96 @@
+"""Rate terms: differentiable estimates of the bits a quantized tensor costs.
+
+All rate terms share one interface, `RateTerm`:
+
+```
+bits = rate_term(x, q, alpha, lo, hi, window, training=True)
+```
+
+returns the total bits of `x`'s indices: for a weight (`per_sample=False`)
+`N * H` over the whole tensor; for an activation (`per_sample=True`) the bits
+of one sample, `N_sample * H_b`, averaged over the batch.
+
+* `MarginalEntropy` is the paper's term: `H` is the entropy of the marginal
+  PMF `Pbar(i) = (1/N) sum_k P(i | theta_k)` (`ops.marginal_entropy`).
+* `LearnedPrior` replaces `H` with the bits of `u = theta / q` under a
+  tensorflow-compression `ContinuousBatchedEntropyModel` whose prior
+  (`NoisyDeepFactorized`) is learned jointly, as in EPR.
+"""
+
+import abc
+
+import tensorflow as tf
+import tensorflow_compression as tfc
+
+from keras_cdl import ops
+
+__all__ = ["RateTerm", "MarginalEntropy", "LearnedPrior", "get", "RATES"]
+
+RATES = ("entropy", "prior")
+
+
+class RateTerm(tf.Module, metaclass=abc.ABCMeta):
+  """Interface: total bits of a quantized tensor, differentiable."""
+
+  def __init__(self, per_sample, name=None):
+    super().__init__(name=name)
+    self.per_sample = bool(per_sample)
+
+  def _total(self, bits_per_element, x):
+    """Turns bits per element (scalar or per sample) into total bits."""
+    if self.per_sample:
+      count = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
+      return count * tf.reduce_mean(bits_per_element)
+    return tf.cast(tf.size(x), x.dtype) * bits_per_element
+
+  @abc.abstractmethod
+  def __call__(self, x, q, alpha, lo, hi, window, training=True):
+    """Returns the total bits (scalar tensor)."""
+
+
+class MarginalEntropy(RateTerm):
+  """`N * H(Pbar)`: the marginal-PMF entropy of the CDL paper (bits)."""
+
+  def __call__(self, x, q, alpha, lo, hi, window, training=True):
+    del training  # Same estimate in both phases.
+    entropy = ops.marginal_entropy(x, q, alpha, lo, hi, window,
+                                   per_sample=self.per_sample)
+    return self._total(entropy, x)
+
+
+class LearnedPrior(RateTerm):
+  """Bits of `theta / q` under a learned tensorflow-compression prior.
+
+  Training (`training=True`) uses the entropy model's additive-noise upper
+  bound; otherwise the information content of the rounded values.  The
+  prior's variables belong to this module, so a Keras layer that holds it as
+  an attribute tracks and trains them.
+  """
+
+  def __init__(self, per_sample, name=None):
+    super().__init__(per_sample, name=name)
+    self.prior = tfc.NoisyDeepFactorized(batch_shape=())
+
+  def __call__(self, x, q, alpha, lo, hi, window, training=True):
+    del alpha, window
+    u = tf.clip_by_value(x / tf.cast(q, x.dtype), lo, hi)
+    rank = u.shape.rank
+    coding_rank = rank - 1 if self.per_sample else rank
+    model = tfc.ContinuousBatchedEntropyModel(
+        self.prior, coding_rank=coding_rank, compression=False)
+    _, bits = model(u, training=training)
+    if self.per_sample:
+      return tf.reduce_mean(bits)
+    return bits
+
+
+def get(identifier, per_sample):
+  """Returns the rate term for `identifier` ("entropy", "prior" or None)."""
+  if identifier is None:
+    return None
+  if identifier == "entropy":
+    return MarginalEntropy(per_sample)
+  if identifier == "prior":
+    return LearnedPrior(per_sample)
+  raise ValueError(
+      f"`rate` must be one of {RATES} or None, but got {identifier!r}.")
