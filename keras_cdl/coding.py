@@ -9,7 +9,7 @@ sizes, and floats for everything that is not quantized.
   empirical PMF (the histogram of its indices over `[min, max]`), quantized to
   `precision` bits (`CodingTable`).  The payload stays within a few bytes of
   the ideal `N * H / 8`, `H` the empirical entropy in bits per index (measured:
-  at most 0.003% + 2 bytes above it at precision 16, see docs/FORMAT.md).
+  at most 0.01% + 2 bytes above it at precision 16, see docs/FORMAT.md).
 * `Record` is one stored tensor (`quantized_record`, `float_record`);
   `encode_container` / `decode_container` (and `write_container` /
   `read_container` for files) turn a JSON header plus records into `.cdl`
@@ -491,10 +491,12 @@ def _check_shape(shape, name="shape"):
 def _max_payload_bytes(count, precision):
   """An upper bound on the payload of `count` symbols.
 
-  tfc's range coder keeps its range `size >= 2**16 >= 2**precision`, so a
-  symbol of frequency `f >= 1` leaves at least `floor(size * f / 2**p) >=
-  size * f / 2**(p + 1)`: each symbol costs at most `p + 1` bits, the coder
-  writes 16 bits per 16 bits consumed, and its finalisation at most 2 bytes.
+  tfc's range coder keeps its range `size >= 2**16 >= 2**p`, so a symbol of
+  frequency `f >= 1` leaves at least `floor(size * f / 2**p) >=
+  size * f / 2**(p + 1)`: each symbol costs at most `p + 1` bits of range.
+  The coder emits 16 bits per renormalisation, which multiplies the range by
+  more than 2**16, so it emits at most the total cost, plus at most 2 bytes
+  when it finalises.  8 bytes of slack on top.
   """
   return (count * (precision + 1) + 7) // 8 + 8
 
@@ -1243,6 +1245,9 @@ def decode_container(data):
   Raises:
     FormatError: Anything is wrong; the message says what and where.
   """
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"`data` must be bytes-like, but got "
+                    f"{type(data).__name__}; use `read_container` for paths.")
   data = bytes(data)
   count, json_len = _check_preamble(data)
   end = len(data) - _CRC.size
@@ -1408,6 +1413,9 @@ def tensor_size(record, indices=None):
       quantized record is decoded to measure its empirical entropy.
   """
   validate_record(record)
+  if indices is not None and np.shape(indices) != record.shape:
+    raise ValueError(f"`indices` must have the record's shape {record.shape}, "
+                     f"but got {np.shape(indices)}.")
   body, table_bytes = _record_body(record)
   framed = len(body) + _LEN.size + _CRC.size
   entropy = None
