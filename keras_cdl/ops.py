@@ -353,8 +353,12 @@ def quantize(x, q, alpha, lo, hi, window, mode, training, uniform=None,
   return sample_quantize(x, q, alpha, lo, hi, window, uniform, seed)
 
 
-def _flat_window(x, q, alpha, lo, hi, window, per_sample):
-  """Window probabilities and bin ids, flattened for a segment sum."""
+def _window_bins(x, q, alpha, lo, hi, window, per_sample):
+  """Per window offset j: CPMF values p_j and their histogram bins, shaped like x.
+
+  Bins count levels from `lo`; with `per_sample` sample b's bins are offset by
+  `b * |A|` so one segment sum gives every sample's histogram.
+  """
   x, q, alpha = _prepare(x, q, alpha)
   _check_range(lo, hi)
   validate_window(window)
@@ -370,20 +374,27 @@ def _flat_window(x, q, alpha, lo, hi, window, per_sample):
     num_segments = batch * num_levels
   else:
     num_segments = num_levels
-  ids = tf.concat([tf.reshape(base + j, [-1]) for j in range(window)], 0)
-  flat = tf.concat([tf.reshape(p, [-1]) for p in probs], 0)
-  return flat, ids, num_segments, num_levels
+  bins = [base + j for j in range(window)]
+  return probs, bins, num_segments, num_levels
+
+
+def _histogram(probs, bins, num_segments):
+  """`sum_j` segment sums of p_j into bins_j (no gradient)."""
+  flat_p = tf.concat([tf.reshape(p, [-1]) for p in probs], 0)
+  flat_b = tf.concat([tf.reshape(b, [-1]) for b in bins], 0)
+  return tf.stop_gradient(
+      tf.math.unsorted_segment_sum(flat_p, flat_b, num_segments))
 
 
 def marginal_pmf(x, q, alpha, lo, hi, window, per_sample=False):
-  """The marginal PMF `Pbar(i) = (1/N) sum_k P(i | theta_k)`.
+  """The marginal PMF `Pbar(i) = (1/N) sum_k P(i | theta_k)` (no gradient).
 
   Returns a `[hi - lo + 1]` vector (or `[batch, hi - lo + 1]` with
   `per_sample=True`, averaging over all axes but the first).
   """
-  flat, ids, num_segments, num_levels = _flat_window(x, q, alpha, lo, hi,
-                                                     window, per_sample)
-  sums = tf.math.unsorted_segment_sum(flat, ids, num_segments)
+  probs, bins, num_segments, num_levels = _window_bins(x, q, alpha, lo, hi,
+                                                       window, per_sample)
+  sums = _histogram(probs, bins, num_segments)
   if per_sample:
     sums = tf.reshape(sums, [-1, num_levels])
   return sums / tf.reduce_sum(sums, axis=-1, keepdims=True)
@@ -398,28 +409,28 @@ def marginal_entropy(x, q, alpha, lo, hi, window, per_sample=False):
   `-(1/N) sum_k sum_j P(j | theta_k) sg[log2 Pbar(j)]` (sg: stop gradient); in
   particular `dH/dtheta_k = -(2 alpha / N) Cov_k[a, log2 Pbar(a)]`.  The value
   returned is the exact `H`; the gradient is the surrogate's, which avoids
-  differentiating through the scatter.
+  differentiating through the histogram.
 
   Returns:
     A scalar (or a `[batch]` vector with `per_sample=True`).
   """
-  flat, ids, num_segments, num_levels = _flat_window(x, q, alpha, lo, hi,
-                                                     window, per_sample)
-  sums = tf.stop_gradient(tf.math.unsorted_segment_sum(flat, ids,
-                                                       num_segments))
+  probs, bins, num_segments, num_levels = _window_bins(x, q, alpha, lo, hi,
+                                                       window, per_sample)
+  sums = _histogram(probs, bins, num_segments)
   if per_sample:
-    counts = tf.reduce_sum(tf.reshape(sums, [-1, num_levels]), axis=-1)
-    pmf = tf.reshape(sums, [-1, num_levels]) / counts[:, None]
-  else:
-    counts = tf.reduce_sum(sums)
-    pmf = sums / counts
+    sums = tf.reshape(sums, [-1, num_levels])
+  counts = tf.reduce_sum(sums, axis=-1, keepdims=True)
+  pmf = sums / counts
   tiny = tf.constant(1e-30, pmf.dtype)
   log2_pmf = tf.math.log(tf.maximum(pmf, tiny)) / _LN2
   entropy = -tf.reduce_sum(tf.math.multiply_no_nan(log2_pmf, pmf), axis=-1)
-  weighted = flat * tf.gather(tf.reshape(log2_pmf, [-1]), ids)
+  flat_log2 = tf.stop_gradient(tf.reshape(log2_pmf, [-1]))
+  weighted = probs[0] * tf.gather(flat_log2, bins[0])
+  for p, b in zip(probs[1:], bins[1:]):
+    weighted += p * tf.gather(flat_log2, b)
   if per_sample:
-    surrogate = -tf.math.unsorted_segment_sum(
-        weighted, ids // num_levels, tf.shape(counts)[0]) / counts
+    axes = list(range(1, weighted.shape.rank))
+    surrogate = -tf.reduce_sum(weighted, axis=axes) / counts[:, 0]
   else:
-    surrogate = -tf.reduce_sum(weighted) / counts
+    surrogate = -tf.reduce_sum(weighted) / counts[0]
   return surrogate + tf.stop_gradient(entropy - surrogate)
