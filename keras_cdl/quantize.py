@@ -22,6 +22,7 @@ with `N^w` (`N^x`) the model's quantized weight (activation) count, so one
 `lmbda / N^w`, and its gamma is `gamma / N^x`.
 """
 
+import copy
 import logging
 
 import numpy as np
@@ -156,6 +157,30 @@ def initialize_step_sizes(model, float_model=None, calibration_data=None):
     q.set_step(record.variables, step)
 
 
+_POOLING = (tf.keras.layers.MaxPooling1D, tf.keras.layers.MaxPooling2D,
+            tf.keras.layers.MaxPooling3D)
+
+
+def _outputs_to_move_past_pooling(model, registry):
+  """`{layer: pool}` for ReLU outputs consumed only by one max pooling layer.
+
+  Rounding to a level is monotone, and so is Q_d (dQ_d/dtheta >= 0), so
+  quantizing after `MaxPooling` gives the same values as before it (exactly
+  in inference and in R-CDL) on a tensor that is pool-size times smaller; it
+  is also the tensor the next layer receives, whose rate is the one to count.
+  """
+  moved = {}
+  for layer in model.layers:
+    config = registry.get_quantize_config(layer)
+    if config is None or config.output_quantizer is None:
+      continue
+    consumers = [node.outbound_layer for node in layer.outbound_nodes]
+    if len(consumers) == 1 and isinstance(consumers[0], _POOLING) and len(
+        consumers[0].inbound_nodes) == 1:
+      moved[layer.name] = consumers[0].name
+  return moved
+
+
 def _is_graph_model(model):
   return isinstance(model, tf.keras.Sequential) or getattr(
       model, "_is_graph_network", False)
@@ -243,10 +268,20 @@ def quantize_model(model, mode="cdl", weight_bits=8, activation_bits=8,
                                         input_quantizer)
   registry = scheme.get_quantize_registry()
 
+  moved = _outputs_to_move_past_pooling(model, registry)
+
   def annotate(layer):
     if isinstance(layer, quantize_annotate_mod.QuantizeAnnotate):
       return layer
     config = registry.get_quantize_config(layer)
+    if layer.name in moved:
+      config = configs.CDLQuantizeConfig(
+          config.weight_attrs, config.weight_quantizer, None)
+      if not config.weight_attrs:
+        config = None
+    elif layer.name in moved.values():
+      config = configs.CDLQuantizeConfig(
+          [], None, copy.deepcopy(activation_quantizer))
     if config is not None:
       return _QuantizeAnnotate(layer, config)
     if _has_weights(layer) and not isinstance(layer, _float_layers_ok()):

@@ -10,6 +10,8 @@ input gets a `QuantizeLayer` with a rate-free activation quantizer.
 
 Left in float: `BatchNormalization`, pooling, `Add`/`Concatenate`, reshapes,
 `Dropout`, and any output that is not a ReLU (in particular the final logits).
+(`quantize_model` moves the quantizer of a ReLU output that only feeds a max
+pooling layer to the pooling's output: the same values, on a smaller tensor.)
 """
 
 import copy
