@@ -226,9 +226,11 @@ class CDLQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     if np.any(~np.isfinite(step)) or np.any(step <= 0):
       raise ValueError(f"`step` must be positive and finite, but got {step}.")
     log_step = weights["log_step"]
+    if self.hardness == "alpha":
+      # kappa = alpha q^2 (per channel) with the step *before* it changes.
+      kappa = np.exp(weights["log_alpha"].numpy() + 2 * log_step.numpy())
     log_step.assign(np.broadcast_to(np.log(step), log_step.shape))
     if self.hardness == "alpha":
-      kappa = float(self.get_kappa(weights))
       weights["log_alpha"].assign(
           np.broadcast_to(np.log(kappa / step**2), log_step.shape))
 
