@@ -157,12 +157,11 @@ class CDLQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
           initializer=tf.keras.initializers.Constant(
               math.log(self.kappa / _DEFAULT_STEP**2)),
           trainable=True)
+    self._rate_term = rate_lib.get(self.rate, self.per_sample_rate)
+    if self._rate_term is not None:
+      weights.update(self._rate_term.build(layer, name, self.lo, self.hi))
     _inner_weights_first(layer)
     self._layer = layer
-    self._rate_term = rate_lib.get(self.rate, self.per_sample_rate)
-    if self._rate_term is not None and self._rate_term.trainable_variables:
-      # Let Keras track (save, train) the prior's variables through the layer.
-      setattr(layer, f"_cdl_rate_{name.replace('/', '_')}", self._rate_term)
     return weights
 
   def __call__(self, inputs, training, weights, **kwargs):
@@ -172,7 +171,7 @@ class CDLQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     self.last_bits = None
     if training and self._rate_term is not None:
       bits = self._rate_term(inputs, q, alpha, self.lo, self.hi, self.window,
-                             training=True)
+                             weights, training=True)
       self.last_bits = bits
       self._layer.add_loss(tf.cast(weights["rate_weight"], bits.dtype) * bits)
     return outputs

@@ -3,7 +3,8 @@
 All rate terms share one interface, `RateTerm`:
 
 ```
-bits = rate_term(x, q, alpha, lo, hi, window, training=True)
+variables = rate_term.build(layer, name)      # Keras weights, possibly none
+bits = rate_term(x, q, alpha, lo, hi, window, variables, training=True)
 ```
 
 returns the total bits of `x`'s indices: for a weight (`per_sample=False`)
@@ -13,12 +14,15 @@ of one sample, `N_sample * H_b`, averaged over the batch.
 * `MarginalEntropy` is the paper's term: `H` is the entropy of the marginal
   PMF `Pbar(i) = (1/N) sum_k P(i | theta_k)` (`ops.marginal_entropy`).
 * `LearnedPrior` replaces `H` with the bits of `u = theta / q` under a
-  tensorflow-compression `ContinuousBatchedEntropyModel` whose prior
-  (`NoisyDeepFactorized`) is learned jointly, as in EPR.
+  tensorflow-compression `ContinuousBatchedEntropyModel` whose prior (a
+  `NoisyLogisticMixture` with `COMPONENTS` components) is learned jointly, as
+  in EPR.  Its parameters are Keras weights of the quantized layer, so they
+  train, checkpoint and save with it.
 """
 
 import abc
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_compression as tfc
 
@@ -43,16 +47,21 @@ class RateTerm(tf.Module, metaclass=abc.ABCMeta):
       return count * tf.reduce_mean(bits_per_element)
     return tf.cast(tf.size(x), x.dtype) * bits_per_element
 
+  def build(self, layer, name, lo, hi):
+    """Creates the term's variables on `layer`; returns them as a dict."""
+    del layer, name, lo, hi
+    return {}
+
   @abc.abstractmethod
-  def __call__(self, x, q, alpha, lo, hi, window, training=True):
+  def __call__(self, x, q, alpha, lo, hi, window, variables, training=True):
     """Returns the total bits (scalar tensor)."""
 
 
 class MarginalEntropy(RateTerm):
   """`N * H(Pbar)`: the marginal-PMF entropy of the CDL paper (bits)."""
 
-  def __call__(self, x, q, alpha, lo, hi, window, training=True):
-    del training  # Same estimate in both phases.
+  def __call__(self, x, q, alpha, lo, hi, window, variables, training=True):
+    del variables, training  # No parameters; same estimate in both phases.
     entropy = ops.marginal_entropy(x, q, alpha, lo, hi, window,
                                    per_sample=self.per_sample)
     return self._total(entropy, x)
@@ -61,23 +70,43 @@ class MarginalEntropy(RateTerm):
 class LearnedPrior(RateTerm):
   """Bits of `theta / q` under a learned tensorflow-compression prior.
 
+  The prior is a mixture of `COMPONENTS` logistics convolved with unit
+  uniform noise (`tfc.NoisyLogisticMixture`); its locations, log scales and
+  mixture logits are created by `build` as trainable weights of the layer.
   Training (`training=True`) uses the entropy model's additive-noise upper
-  bound; otherwise the information content of the rounded values.  The
-  prior's variables belong to this module, so a Keras layer that holds it as
-  an attribute tracks and trains them.
+  bound on the bits; otherwise the information content of the rounded values.
   """
 
-  def __init__(self, per_sample, name=None):
-    super().__init__(per_sample, name=name)
-    self.prior = tfc.NoisyDeepFactorized(batch_shape=())
+  COMPONENTS = 3
 
-  def __call__(self, x, q, alpha, lo, hi, window, training=True):
+  def build(self, layer, name, lo, hi):
+    locations = np.linspace(lo, hi, self.COMPONENTS + 2)[1:-1]
+    if lo < 0:
+      locations = np.linspace(-2.0, 2.0, self.COMPONENTS)
+    init = tf.keras.initializers.Constant
+    return {
+        "prior_loc": layer.add_weight(
+            f"{name}_prior_loc", shape=[self.COMPONENTS],
+            initializer=init(locations.astype(np.float32)), trainable=True),
+        "prior_log_scale": layer.add_weight(
+            f"{name}_prior_log_scale", shape=[self.COMPONENTS],
+            initializer=init(0.0), trainable=True),
+        "prior_logits": layer.add_weight(
+            f"{name}_prior_logits", shape=[self.COMPONENTS],
+            initializer=init(0.0), trainable=True),
+    }
+
+  def __call__(self, x, q, alpha, lo, hi, window, variables, training=True):
     del alpha, window
     u = tf.clip_by_value(x / tf.cast(q, x.dtype), lo, hi)
+    prior = tfc.NoisyLogisticMixture(
+        loc=tf.cast(variables["prior_loc"], u.dtype),
+        scale=tf.exp(tf.cast(variables["prior_log_scale"], u.dtype)),
+        weight=tf.nn.softmax(tf.cast(variables["prior_logits"], u.dtype)))
     rank = u.shape.rank
     coding_rank = rank - 1 if self.per_sample else rank
     model = tfc.ContinuousBatchedEntropyModel(
-        self.prior, coding_rank=coding_rank, compression=False)
+        prior, coding_rank=coding_rank, compression=False)
     _, bits = model(u, training=training)
     if self.per_sample:
       return tf.reduce_mean(bits)
