@@ -51,6 +51,13 @@ def rate_bits(model):
   return groups
 
 
+class _Trackers:
+  """Not trackable on purpose: see `CDLModel.__init__`."""
+
+  def __init__(self, trackers):
+    self.trackers = trackers
+
+
 @tf.keras.utils.register_keras_serializable(package="keras_cdl")
 class CDLModel(tf.keras.Model):
   """A `tf.keras.Model` whose `fit` logs `bits_per_weight` and `bits_per_activation`."""
@@ -63,7 +70,18 @@ class CDLModel(tf.keras.Model):
     else:
       super().__init__(inputs=inputs, outputs=outputs, name=name,
                        trainable=trainable, **kwargs)
-    self.rate_trackers = [tf.keras.metrics.Mean(name=n) for n in RATE_METRICS]
+    # Held in a plain object so Keras does not list the trackers' state among
+    # the model's weights (get_weights, HDF5); `metrics` exposes them.
+    self._rate = _Trackers([tf.keras.metrics.Mean(name=n)
+                            for n in RATE_METRICS])
+
+  @property
+  def rate_trackers(self):
+    return self._rate.trackers
+
+  @property
+  def metrics(self):
+    return super().metrics + list(self._rate.trackers)
 
   def train_step(self, data):
     logs = super().train_step(data)
