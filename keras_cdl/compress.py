@@ -908,14 +908,15 @@ def size_report(source):
   """The `ModelSizeReport` of a model or of a `.cdl` file.
 
   Args:
-    source: a Keras model (compressed in memory, nothing written), or a
-      `.cdl` path, open binary file or bytes.
+    source: a Keras model (compressed in memory, nothing written), a
+      `.cdl` path, open binary file or bytes, or a `ModelFile`.
   """
   if isinstance(source, tf.keras.Model):
     data, header, records, indices = encode_model(source)
     file_bytes = len(data)
   else:
-    model_file = read_model_file(source)
+    model_file = source if isinstance(source, ModelFile) else (
+        read_model_file(source))
     header, records = model_file.header, model_file.records
     indices = {v.name: v.value for v in model_file.variables
                if v.role == "quantized"}
