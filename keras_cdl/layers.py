@@ -35,9 +35,13 @@ class _QuantLayer(quantize_wrapper.QuantizeWrapperV2):
 
   _float_class = None
 
-  def __init__(self, weight_quantizer=None, output_quantizer="auto",
-               name=None, trainable=True, dtype=None, **layer_kwargs):
-    layer = self._float_class(**layer_kwargs)  # pylint: disable=not-callable
+  def __init__(self, *layer_args, weight_quantizer=None,
+               output_quantizer="auto", name=None, trainable=True, dtype=None,
+               **layer_kwargs):
+    # Positional arguments are the float layer's (`QuantDense(10)`).
+    # The wrapper's `trainable` is the inner layer's: set it there.
+    layer = self._float_class(*layer_args, trainable=trainable,  # pylint: disable=not-callable
+                              **layer_kwargs)
     found = scheme.weight_attrs_of(layer)
     attrs, channel_axis = found if found else ([], -1)
     if attrs and weight_quantizer is None:
