@@ -27,8 +27,18 @@ RATE_METRICS = ("bits_per_weight", "bits_per_activation")
 def _element_count(record):
   if record.kind == "weight":
     return record.weight.shape.num_elements()
-  shape = record.layer.output_shape if record.kind == "activation" else (
-      record.layer.input_shape)
+  layer = record.layer
+  try:
+    shape = layer.output_shape if record.kind == "activation" else (
+        layer.input_shape)
+  except AttributeError:
+    # A layer only ever called eagerly (in a subclassed model) has no nodes,
+    # hence no input/output_shape; its build shape is known.
+    # (tfmot's wrapper.compute_output_shape ignores its argument: ask the
+    # wrapped layer.)
+    shape = layer._build_input_shape  # pylint: disable=protected-access
+    if record.kind == "activation":
+      shape = record.inner_layer.compute_output_shape(shape)
   if isinstance(shape, list):
     shape = shape[0]
   return tf.TensorShape(shape[1:]).num_elements()
