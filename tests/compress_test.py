@@ -111,6 +111,16 @@ def _make_models():
   return x, {"4bit": a, "8bit_per_channel_alpha_prior": b}
 
 
+@tf.keras.utils.register_keras_serializable(package="compress_test")
+class _SignFlip(tf.keras.layers.Layer):
+  """A layer with Python control flow on a tensor: needs autograph in graphs."""
+
+  def call(self, x):
+    if tf.reduce_sum(x) > 0:
+      return -x
+    return x
+
+
 class RoundTripTest(tf.test.TestCase, parameterized.TestCase):
 
   @classmethod
@@ -201,6 +211,15 @@ class RoundTripTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIsInstance(restored, tf.keras.Sequential)
     self.assertEqual(model(self.x).numpy().tobytes(),
                      restored(self.x).numpy().tobytes())
+
+  def test_layer_that_needs_autograph(self):
+    inputs = tf.keras.Input((3,))
+    outputs = _SignFlip()(tf.keras.layers.Dense(2)(inputs))
+    model = tf.keras.Model(inputs, outputs)
+    x = np.array([[1, 2, 3], [-4, 5, -6]], np.float32)
+    restored = keras_cdl.decompress(compress_lib.encode_model(model)[0])
+    self.assertEqual(model(x).numpy().tobytes(),
+                     restored(x).numpy().tobytes())
 
   def test_subclassed_model_is_rejected(self):
 
