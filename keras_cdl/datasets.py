@@ -10,6 +10,7 @@ load_data()` caches them).
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -38,14 +39,20 @@ def fashion_mnist_dirs():
 
 def _read_idx(path):
   """Reads one gzipped IDX file, checking its header against its size."""
-  with gzip.open(path, "rb") as f:
-    data = f.read()
+  try:
+    with gzip.open(path, "rb") as f:
+      data = f.read()
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise ValueError(f"{path}: not a complete gzip file ({e}).") from e
   if len(data) < 4:
     raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes).")
   zero, dtype_code, rank = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code not in _IDX_TYPES:
     raise ValueError(f"{path}: not an IDX file of unsigned bytes "
                      f"(magic {data[:4].hex()}).")
+  if len(data) < 4 + 4 * rank:
+    raise ValueError(f"{path}: IDX header of rank {rank} needs "
+                     f"{4 + 4 * rank} bytes but the file has {len(data)}.")
   shape = struct.unpack(f">{rank}I", data[4:4 + 4 * rank])
   body = data[4 + 4 * rank:]
   if len(body) != int(np.prod(shape)):
