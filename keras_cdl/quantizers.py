@@ -16,6 +16,7 @@ Variables (per quantized tensor, named `<name>_<var>`):
 """
 
 import math
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -199,6 +200,20 @@ class CDLQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
   def __ne__(self, other):
     return not self == other
+
+  @property
+  def last_bits(self):
+    """The bits of this thread's last training call (None outside training).
+
+    Kept per thread: `MirroredStrategy` traces each replica in its own
+    thread, and each replica's metrics must read its own bits.
+    """
+    return self.__dict__.setdefault("_last_bits", {}).get(
+        threading.get_ident())
+
+  @last_bits.setter
+  def last_bits(self, value):
+    self.__dict__.setdefault("_last_bits", {})[threading.get_ident()] = value
 
   # Helpers used by keras_cdl ------------------------------------------------
 
