@@ -34,6 +34,7 @@ eps(kappa, window) = 2 * sum_{k >= 0} exp(-kappa ((window / 2 + k)^2 - 1 / 4))
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -139,17 +140,20 @@ def _window_start(u, lo, hi, window):
 
 
 def _window_probabilities(u, kappa, start, window):
-  """Returns [p_0, ..., p_{w-1}], the CPMF at levels start + j.
+  """Returns ([p_0, ..., p_{w-1}], r): the CPMF at levels start + j.
 
-  The logits relative to level `start` are `z_j = kappa j (2 r - j)` with
-  `r = u - start`; subtracting their maximum is the log-sum-exp shift.
+  Logits are taken relative to the window's nearest level `ref`:
+  `z_j - z_ref = kappa (j - ref)(2 r - j - ref) <= 0` with `r = u - start`.
+  That is the log-sum-exp shift computed in closed form: `z_ref` is exactly
+  0 and no other logit is positive, whatever the magnitudes of kappa and r and
+  however a compiler fuses or contracts the arithmetic (a shift by a separately
+  computed maximum can differ from the logit it came from by an ulp of
+  `kappa r`, and exp of that overflows).
   """
   r = u - start
-  logits = [kappa * (j * (2.0 * r - j)) for j in range(window)]
-  peak = logits[0]
-  for z in logits[1:]:
-    peak = tf.maximum(peak, z)
-  weights = [tf.exp(z - peak) for z in logits]
+  ref = tf.clip_by_value(tf.round(r), 0.0, window - 1.0)
+  weights = [tf.exp(tf.minimum(kappa * ((j - ref) * (2.0 * r - j - ref)), 0.0))
+             for j in range(window)]
   total = weights[0]
   for e in weights[1:]:
     total = total + e
@@ -163,11 +167,23 @@ def _unbroadcast(grad, shape):
   return tf.reshape(tf.reduce_sum(grad, axis=axes), shape)
 
 
+def _as_dtype(value, dtype):
+  """`value` as a `dtype` tensor, without a float32 detour for Python floats."""
+  if tf.is_tensor(value) or isinstance(value, tf.Variable):
+    return tf.cast(value, dtype)
+  return tf.constant(np.asarray(value, dtype=dtype.as_numpy_dtype))
+
+
+def _compute_dtype(dtype):
+  """float16 and bfloat16 are computed in float32 (their range and
+  resolution cannot hold `N`, `log2` of small masses or `kappa d^2`)."""
+  return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
 def _prepare(x, q, alpha):
   x = _check_float(x)
-  q = tf.cast(q, x.dtype)
-  alpha = tf.cast(alpha, x.dtype)
-  return x, q, alpha
+  dtype = _compute_dtype(x.dtype)
+  return tf.cast(x, dtype), _as_dtype(q, dtype), _as_dtype(alpha, dtype)
 
 
 def cpmf(x, q, alpha, lo, hi, window):
@@ -248,30 +264,53 @@ def _soft_gradients(x, q, alpha, lo, hi, window):
   return d_theta, d_q, d_alpha
 
 
+# The element-wise chains below run as XLA clusters (one fused loop instead
+# of dozens of tensor-sized temporaries, and XLA's segment sum is >10x faster
+# than TF's CPU kernel for few segments).  Python ints are trace-time
+# constants, so each (shape, lo, hi, window) compiles once.
+
+
+@tf.function(jit_compile=True)
+def _soft_forward(x, q, alpha, lo, hi, window):
+  _, _, start, _, _, mean_j = _soft_moments(x, q, alpha, lo, hi, window)
+  return q * (start + mean_j)
+
+
+@tf.function(jit_compile=True)
+def _sample_forward(x, q, alpha, uniform, lo, hi, window):
+  _, _, start, probs, _, _ = _soft_moments(x, q, alpha, lo, hi, window)
+  index = start
+  cumulative = tf.zeros_like(start)
+  for p in probs[:-1]:
+    cumulative += p
+    index += tf.cast(uniform > cumulative, x.dtype)
+  return q * index
+
+
+@tf.function(jit_compile=True)
+def _soft_backward(dy, x, q, alpha, lo, hi, window):
+  d_theta, d_q, d_alpha = _soft_gradients(x, q, alpha, lo, hi, window)
+  return (dy * d_theta,
+          _unbroadcast(dy * d_q, tf.shape(q)),
+          _unbroadcast(dy * d_alpha, tf.shape(alpha)))
+
+
 def _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, uniform):
   """Value `Q_d` (uniform None) or `Q_p` (inverse CDF of `uniform`).
 
-  In both cases the gradient is the analytic gradient of `Q_d`.
+  In both cases the gradient is the analytic gradient of `Q_d`, recomputed
+  from the inputs in the backward pass.
   """
 
   @tf.custom_gradient
   def _op(x, q, alpha):
-    _, _, start, probs, _, mean_j = _soft_moments(x, q, alpha, lo, hi, window)
     if uniform is None:
-      value = q * (start + mean_j)
+      value = _soft_forward(x, q, alpha, lo, hi, window)
     else:
-      index = start
-      cumulative = tf.zeros_like(start)
-      for p in probs[:-1]:
-        cumulative += p
-        index += tf.cast(uniform > cumulative, x.dtype)
-      value = q * index
+      value = _sample_forward(x, q, alpha, uniform, lo, hi, window)
 
     def grad(dy):
-      d_theta, d_q, d_alpha = _soft_gradients(x, q, alpha, lo, hi, window)
-      return (dy * d_theta,
-              _unbroadcast(dy * d_q, tf.shape(q)),
-              _unbroadcast(dy * d_alpha, tf.shape(alpha)))
+      return _soft_backward(dy, x, q, alpha, lo, hi, window)
 
     return value, grad
 
@@ -295,10 +334,12 @@ def soft_quantize(x, q, alpha, lo, hi, window):
   Returns:
     `Q_d(x)`, same shape and dtype as `x`.
   """
+  dtype = _check_float(x).dtype
   x, q, alpha = _prepare(x, q, alpha)
   _check_range(lo, hi)
   validate_window(window)
-  return _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, None)
+  return tf.cast(
+      _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, None), dtype)
 
 
 def sample_quantize(x, q, alpha, lo, hi, window, uniform=None, seed=None):
@@ -317,13 +358,16 @@ def sample_quantize(x, q, alpha, lo, hi, window, uniform=None, seed=None):
   Returns:
     A sample of `Q_p(x)`, same shape and dtype as `x`.
   """
+  dtype = _check_float(x).dtype
   x, q, alpha = _prepare(x, q, alpha)
   _check_range(lo, hi)
   validate_window(window)
   if uniform is None:
     uniform = tf.random.uniform(tf.shape(x), dtype=x.dtype, seed=seed)
   uniform = tf.cast(uniform, x.dtype)
-  return _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, uniform)
+  return tf.cast(
+      _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, uniform),
+      dtype)
 
 
 def round_quantize(x, q, lo, hi):
@@ -331,10 +375,10 @@ def round_quantize(x, q, lo, hi):
 
   Ties round half to even (`tf.round`).  No gradient flows.
   """
-  x = _check_float(x)
+  dtype = _check_float(x).dtype
   _check_range(lo, hi)
-  q = tf.cast(q, x.dtype)
-  return q * tf.clip_by_value(tf.round(x / q), lo, hi)
+  x, q, _ = _prepare(x, q, 1.0)
+  return tf.cast(q * tf.clip_by_value(tf.round(x / q), lo, hi), dtype)
 
 
 def quantize(x, q, alpha, lo, hi, window, mode, training, uniform=None,
@@ -359,12 +403,10 @@ def _window_bins(x, q, alpha, lo, hi, window, per_sample):
   Bins count levels from `lo`; with `per_sample` sample b's bins are offset by
   `b * |A|` so one segment sum gives every sample's histogram.
   """
-  x, q, alpha = _prepare(x, q, alpha)
-  _check_range(lo, hi)
-  validate_window(window)
   u = x / q
+  kappa = alpha * q * q
   start, window = _window_start(u, lo, hi, window)
-  probs, _ = _window_probabilities(u, alpha * q * q, start, window)
+  probs, r = _window_probabilities(u, kappa, start, window)
   num_levels = hi - lo + 1
   base = tf.cast(start, tf.int32) - lo
   if per_sample:
@@ -375,15 +417,69 @@ def _window_bins(x, q, alpha, lo, hi, window, per_sample):
   else:
     num_segments = num_levels
   bins = [base + j for j in range(window)]
-  return probs, bins, num_segments, num_levels
+  return probs, bins, num_segments, num_levels, kappa, start, r
 
 
 def _histogram(probs, bins, num_segments):
-  """`sum_j` segment sums of p_j into bins_j (no gradient)."""
+  """`sum_j` segment sums of p_j into bins_j."""
   flat_p = tf.concat([tf.reshape(p, [-1]) for p in probs], 0)
   flat_b = tf.concat([tf.reshape(b, [-1]) for b in bins], 0)
-  return tf.stop_gradient(
-      tf.math.unsorted_segment_sum(flat_p, flat_b, num_segments))
+  return tf.math.unsorted_segment_sum(flat_p, flat_b, num_segments)
+
+
+@tf.function(jit_compile=True)
+def _marginal_pmf(x, q, alpha, lo, hi, window, per_sample):
+  probs, bins, num_segments, num_levels, _, _, _ = _window_bins(
+      x, q, alpha, lo, hi, window, per_sample)
+  sums = _histogram(probs, bins, num_segments)
+  if per_sample:
+    sums = tf.reshape(sums, [-1, num_levels])
+  return sums / tf.reduce_sum(sums, axis=-1, keepdims=True)
+
+
+@tf.function(jit_compile=True)
+def _entropy_forward(x, q, alpha, lo, hi, window, per_sample):
+  """Returns (H, log2 Pbar flattened) ."""
+  pmf = _marginal_pmf(x, q, alpha, lo, hi, window, per_sample)
+  log2_pmf = tf.math.log(tf.maximum(pmf, tf.constant(1e-30, pmf.dtype))) / _LN2
+  entropy = -tf.reduce_sum(tf.math.multiply_no_nan(log2_pmf, pmf), axis=-1)
+  return entropy, tf.reshape(log2_pmf, [-1])
+
+
+@tf.function(jit_compile=True)
+def _entropy_backward(dy, x, q, alpha, log2_pmf, lo, hi, window, per_sample):
+  """Analytic gradient of H (see `marginal_entropy`)."""
+  probs, bins, _, _, kappa, start, r = _window_bins(x, q, alpha, lo, hi,
+                                                    window, per_sample)
+  logs = [tf.gather(log2_pmf, b) for b in bins]
+  mean_l = probs[0] * logs[0]
+  mean_j = tf.zeros_like(r)
+  mean_g = probs[0] * (start * r)
+  mean_s = probs[0] * (r * r)
+  for j in range(1, len(probs)):
+    mean_l += probs[j] * logs[j]
+    mean_j += probs[j] * j
+    mean_g += probs[j] * ((start + j) * (r - j))
+    mean_s += probs[j] * ((r - j) * (r - j))
+  cov_jl = tf.zeros_like(r)
+  cov_gl = tf.zeros_like(r)
+  cov_sl = tf.zeros_like(r)
+  for j, (p, log) in enumerate(zip(probs, logs)):
+    dl = p * (log - mean_l)
+    cov_jl += dl * (j - mean_j)
+    cov_gl += dl * ((start + j) * (r - j) - mean_g)
+    cov_sl += dl * ((r - j) * (r - j) - mean_s)
+  if per_sample:
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
+    scale = tf.reshape(dy, [-1] + [1] * (x.shape.rank - 1)) / count
+  else:
+    scale = dy / tf.cast(tf.size(x), x.dtype)
+  two_kappa_over_q = 2.0 * kappa / q
+  d_theta = -two_kappa_over_q * cov_jl * scale
+  d_q = -two_kappa_over_q * cov_gl * scale
+  d_alpha = q * q * cov_sl * scale
+  return (d_theta, _unbroadcast(d_q, tf.shape(q)),
+          _unbroadcast(d_alpha, tf.shape(alpha)))
 
 
 def marginal_pmf(x, q, alpha, lo, hi, window, per_sample=False):
@@ -392,12 +488,11 @@ def marginal_pmf(x, q, alpha, lo, hi, window, per_sample=False):
   Returns a `[hi - lo + 1]` vector (or `[batch, hi - lo + 1]` with
   `per_sample=True`, averaging over all axes but the first).
   """
-  probs, bins, num_segments, num_levels = _window_bins(x, q, alpha, lo, hi,
-                                                       window, per_sample)
-  sums = _histogram(probs, bins, num_segments)
-  if per_sample:
-    sums = tf.reshape(sums, [-1, num_levels])
-  return sums / tf.reduce_sum(sums, axis=-1, keepdims=True)
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  return tf.stop_gradient(
+      _marginal_pmf(x, q, alpha, lo, hi, window, bool(per_sample)))
 
 
 def marginal_entropy(x, q, alpha, lo, hi, window, per_sample=False):
@@ -405,32 +500,37 @@ def marginal_entropy(x, q, alpha, lo, hi, window, per_sample=False):
 
   Differentiable in `x`, `q` and `alpha` with no histogram and no
   straight-through trick.  Because `sum_i dPbar(i) = 0`,
-  `dH = -sum_i dPbar(i) log2 Pbar(i)`, which is the gradient of the surrogate
-  `-(1/N) sum_k sum_j P(j | theta_k) sg[log2 Pbar(j)]` (sg: stop gradient); in
-  particular `dH/dtheta_k = -(2 alpha / N) Cov_k[a, log2 Pbar(a)]`.  The value
-  returned is the exact `H`; the gradient is the surrogate's, which avoids
-  differentiating through the histogram.
+  `dH = -sum_i dPbar(i) log2 Pbar(i) = -(1/N) sum_k sum_i dP(i|theta_k) L(i)`
+  with `L = log2 Pbar`, and the CPMF's own derivatives give, per element
+  (`i = start + j`, `r = u - start`, `kappa = alpha q^2`):
+
+  ```
+  dH/dtheta_k = -(2 kappa / (q N)) Cov_k[j, L]       (= -(2 alpha / N) Cov_k[a, L])
+  dH/dq       = -(2 kappa / (q N)) sum_k Cov_k[(start + j)(r - j), L]
+  dH/dalpha   =  (q^2 / N)         sum_k Cov_k[(r - j)^2, L]
+  ```
+
+  so the gradient needs only a gather of `L` at each element's window: the
+  histogram itself is never differentiated.
 
   Returns:
     A scalar (or a `[batch]` vector with `per_sample=True`).
   """
-  probs, bins, num_segments, num_levels = _window_bins(x, q, alpha, lo, hi,
-                                                       window, per_sample)
-  sums = _histogram(probs, bins, num_segments)
-  if per_sample:
-    sums = tf.reshape(sums, [-1, num_levels])
-  counts = tf.reduce_sum(sums, axis=-1, keepdims=True)
-  pmf = sums / counts
-  tiny = tf.constant(1e-30, pmf.dtype)
-  log2_pmf = tf.math.log(tf.maximum(pmf, tiny)) / _LN2
-  entropy = -tf.reduce_sum(tf.math.multiply_no_nan(log2_pmf, pmf), axis=-1)
-  flat_log2 = tf.stop_gradient(tf.reshape(log2_pmf, [-1]))
-  weighted = probs[0] * tf.gather(flat_log2, bins[0])
-  for p, b in zip(probs[1:], bins[1:]):
-    weighted += p * tf.gather(flat_log2, b)
-  if per_sample:
-    axes = list(range(1, weighted.shape.rank))
-    surrogate = -tf.reduce_sum(weighted, axis=axes) / counts[:, 0]
-  else:
-    surrogate = -tf.reduce_sum(weighted) / counts[0]
-  return surrogate + tf.stop_gradient(entropy - surrogate)
+  dtype = _check_float(x).dtype
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  per_sample = bool(per_sample)
+
+  @tf.custom_gradient
+  def _op(x, q, alpha):
+    entropy, log2_pmf = _entropy_forward(x, q, alpha, lo, hi, window,
+                                         per_sample)
+
+    def grad(dy):
+      return _entropy_backward(dy, x, q, alpha, log2_pmf, lo, hi, window,
+                               per_sample)
+
+    return entropy, grad
+
+  return tf.cast(_op(x, q, alpha), dtype)
