@@ -61,6 +61,35 @@ def rate_bits(model):
   return groups
 
 
+# Keras' Functional class (`tf.keras.Sequential` derives from it).
+_Functional = next(c for c in tf.keras.Sequential.__mro__
+                   if c.__name__ == "Functional")
+_FUNCTIONAL_CLASSES = {}
+
+
+def _is_functional_init(args, kwargs):
+  """Keras' test for `Model(inputs, outputs)`-style constructor arguments."""
+  return (len(args) >= 2 or (len(args) == 1 and "outputs" in kwargs) or
+          ("inputs" in kwargs and "outputs" in kwargs))
+
+
+def _functional_class(cls):
+  """`cls` with Keras' Functional among its bases (made once per class).
+
+  Keras turns a `Model` subclass called with `(inputs, outputs)` into a
+  Functional model by rewriting `__bases__` all the way up its hierarchy, so
+  after one `CDLModel(inputs, outputs)` every later `class Net(CDLModel)`
+  would run `Functional.__init__` and fail.  Instantiating this subclass, which
+  is already Functional, leaves `CDLModel` untouched.  It keeps the name, so
+  saved models name `CDLModel`.
+  """
+  if cls not in _FUNCTIONAL_CLASSES:
+    _FUNCTIONAL_CLASSES[cls] = type(cls.__name__, (cls, _Functional),
+                                    {"__module__": cls.__module__,
+                                     "__doc__": cls.__doc__})
+  return _FUNCTIONAL_CLASSES[cls]
+
+
 class _Trackers:
   """Not trackable on purpose: see `CDLModel.__init__`."""
 
@@ -71,6 +100,11 @@ class _Trackers:
 @tf.keras.utils.register_keras_serializable(package="keras_cdl")
 class CDLModel(tf.keras.Model):
   """A `tf.keras.Model` whose `fit` logs `bits_per_weight` and `bits_per_activation`."""
+
+  def __new__(cls, *args, **kwargs):
+    if _is_functional_init(args, kwargs) and not issubclass(cls, _Functional):
+      cls = _functional_class(cls)
+    return super().__new__(cls, *args, **kwargs)
 
   # The Functional-like signature lets Keras save and revive it as Functional.
   def __init__(self, inputs=None, outputs=None, name=None, trainable=True,
