@@ -148,6 +148,34 @@ class RateMetricsTest(tf.test.TestCase, parameterized.TestCase):
                         float(XENT(y, qmodel(x, training=False))), rtol=1e-5)
 
 
+class CDLModelClassTest(tf.test.TestCase):
+
+  def test_functional_use_leaves_the_class_subclassable(self):
+    inputs = tf.keras.Input((3,))
+    functional = keras_cdl.CDLModel(inputs, L.Dense(2)(inputs))
+    self.assertIsInstance(functional, keras_cdl.CDLModel)
+    self.assertEqual(type(functional).__name__, "CDLModel")
+    # Keras would otherwise rewrite CDLModel's bases to Functional ...
+    self.assertEqual(keras_cdl.CDLModel.__bases__, (tf.keras.Model,))
+
+    class Net(keras_cdl.CDLModel):
+
+      def __init__(self):
+        super().__init__()
+        self.dense = keras_cdl.layers.QuantDense(2)
+
+      def call(self, x, training=None):
+        return self.dense(x, training=training)
+
+    # ... and this would fail in Functional.__init__.
+    net = Net()
+    self.assertEqual(net(tf.zeros([1, 3])).shape, [1, 2])
+    self.assertNotIsInstance(net, type(functional))
+    self.assertIsInstance(keras_cdl.CDLModel(inputs=inputs,
+                                             outputs=inputs * 2),
+                          type(functional))
+
+
 def small_convnet():
   return tf.keras.Sequential([
       L.InputLayer((28, 28, 1)),
