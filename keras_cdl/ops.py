@@ -46,6 +46,7 @@ __all__ = [
     "cpmf",
     "full_cpmf",
     "soft_quantize",
+    "replica_uniform",
     "sample_quantize",
     "round_quantize",
     "quantize",
@@ -342,6 +343,25 @@ def soft_quantize(x, q, alpha, lo, hi, window):
       _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, None), dtype)
 
 
+def replica_uniform(shape, dtype=tf.float32, seed=None):
+  """U(0, 1) samples that differ per `tf.distribute` replica, from the seeds.
+
+  A seeded stateful op draws a new key `[2]` on every call (the same stream
+  on every worker, whose graphs are identical, and reproducible from
+  `tf.random.set_seed`); the replica's global id (`replica_id_in_sync_group`,
+  which counts across workers) is folded into the key, and a stateless op
+  draws the samples.  Plain `tf.random.uniform` gives every worker of a
+  `MultiWorkerMirroredStrategy` the same samples.  XLA-compatible.
+  """
+  key = tf.random.uniform([2], minval=-2**31, maxval=2**31 - 1,
+                          dtype=tf.int32, seed=seed)
+  context = tf.distribute.get_replica_context()
+  if context is not None and context.num_replicas_in_sync > 1:
+    key = tf.random.experimental.stateless_fold_in(
+        key, tf.cast(context.replica_id_in_sync_group, tf.int32))
+  return tf.random.stateless_uniform(shape, seed=key, dtype=dtype)
+
+
 def sample_quantize(x, q, alpha, lo, hi, window, uniform=None, seed=None):
   """Probabilistic quantizer `Q_p` with the gradient of `Q_d` (CDL mode).
 
@@ -352,7 +372,9 @@ def sample_quantize(x, q, alpha, lo, hi, window, uniform=None, seed=None):
   Args:
     x, q, alpha, lo, hi, window: as in `soft_quantize`.
     uniform: optional tensor of U(0, 1) samples shaped like `x` (for tests);
-      drawn with `tf.random.uniform(seed=seed)` when None.
+      drawn by `replica_uniform(tf.shape(x), seed=seed)` when None: distinct
+      on every `tf.distribute` replica and worker, reproducible from the
+      seeds.
     seed: op seed for the draw.
 
   Returns:
@@ -363,7 +385,7 @@ def sample_quantize(x, q, alpha, lo, hi, window, uniform=None, seed=None):
   _check_range(lo, hi)
   validate_window(window)
   if uniform is None:
-    uniform = tf.random.uniform(tf.shape(x), dtype=x.dtype, seed=seed)
+    uniform = replica_uniform(tf.shape(x), dtype=x.dtype, seed=seed)
   uniform = tf.cast(uniform, x.dtype)
   return tf.cast(
       _quantize_with_soft_gradient(x, q, alpha, lo, hi, window, uniform),
