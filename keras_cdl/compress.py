@@ -36,9 +36,11 @@ a tensor list that does not match the header or the architecture, an
 architecture Keras cannot rebuild, indices that do not survive
 re-quantization), raises `keras_cdl.FormatError` naming what is wrong.
 The architecture is rebuilt in Keras' safe mode (no Lambda bytecode), and
-every tensor's size is bounded by the architecture before it is decoded.
+tensors are decoded within the architecture's shapes (beyond a fixed budget
+of 2**26 elements decoded while the architecture is rebuilt).
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gzip
@@ -91,6 +93,9 @@ _HEADER_KEYS = ("content", "model_format", "model", "variables")
 # Integer variables live in the JSON header; keep them small.
 _MAX_INTEGER_ELEMENTS = 4096
 _NAME_SUFFIX = re.compile(r":\d+$")
+# `decompress` decodes tensors of up to this many elements in all (256 MiB of
+# int32) while the architecture is rebuilt, before it bounds their shapes.
+_EARLY_DECODE_ELEMENTS = 2**26
 
 
 # -----------------------------------------------------------------------------
@@ -546,23 +551,40 @@ def _parse(source):
                  dict(zip((c[0] for c in stored), records)), len(data))
 
 
-def _decode(parsed, max_elements=None, requantize=True):
+def _decode_values(parsed, positions, limits=None):
+  """Decoded values of the variables at `positions`: {position: array}."""
+  values = {}
+  for i in positions:
+    entry = parsed.entries[i]
+    name, role, dtype, shape = parsed.checked[i]
+    if role == "integer":
+      values[i] = np.array(entry["value"], dtype=dtype).reshape(shape)
+    else:
+      limit = limits[i] if isinstance(limits, (list, dict)) else limits
+      values[i] = coding.decode_record(parsed.records[name],
+                                       max_elements=limit)
+  return values
+
+
+def _decode(parsed, max_elements=None, requantize=True, values=None):
   """Decodes every tensor and checks the quantized ones' steps.
 
-  `requantize=False` skips the NumPy re-quantization check, for callers that
-  re-quantize with the model's own quantizers instead (`decompress`).
+  Args:
+    parsed: a `_Parsed`.
+    max_elements: a cap for every tensor, or a list with one per variable.
+    requantize: also check in NumPy that `i * q` re-quantizes to `i`
+      (`decompress` re-quantizes with the model's own quantizers instead).
+    values: already decoded values by position (the rest are decoded here).
   """
+  values = dict(values or {})
+  values.update(_decode_values(
+      parsed, [i for i in range(len(parsed.checked)) if i not in values],
+      max_elements))
   variables = []
   for i, (entry, (name, role, dtype, shape)) in enumerate(
       zip(parsed.entries, parsed.checked)):
-    record = parsed.records.get(name)
-    if role == "integer":
-      value = np.array(entry["value"], dtype=dtype).reshape(shape)
-    else:
-      limit = max_elements[i] if isinstance(max_elements, list) else (
-          max_elements)
-      value = coding.decode_record(record, max_elements=limit)
-    variables.append(StoredVariable(name, role, dtype, shape, record, value,
+    variables.append(StoredVariable(name, role, dtype, shape,
+                                    parsed.records.get(name), values[i],
                                     entry.get("log_step")))
   by_name = {v.name: v for v in variables}
   for v in variables:
@@ -735,9 +757,10 @@ def decompress(source):
   The container and the model header are checked first, then the
   architecture is rebuilt (under `quantize_scope`, in Keras' safe mode) and
   its variables compared with the file's (names, roles, shapes, dtypes, each
-  quantizer's bits, signedness and channel axis); only then is each tensor
-  decoded, capped at the element count the architecture gives it.  Each
-  quantized kernel is restored as `i * q` and re-quantized by its own
+  quantizer's bits, signedness and channel axis).  Tensors are decoded
+  meanwhile, on a second thread, up to 2**26 elements in all (bounded by the
+  header's shapes); the rest only after that check, each capped at the
+  element count the architecture gives it.  Each quantized kernel is restored as `i * q` and re-quantized by its own
   quantizer to check it gives back `i`.
 
   Args:
@@ -753,14 +776,28 @@ def decompress(source):
       the message names what is wrong.
   """
   parsed = _parse(source)
-  model = _build_model(parsed.header["model"])
-  try:
-    slots = _model_slots(model)
-  except ValueError as e:
-    _fail(f"header: model: {e}")
-  _check_architecture(slots, parsed)
+  # Decode while Keras rebuilds the architecture (the range decoder runs
+  # without the GIL), but only up to a fixed budget of elements bounded by
+  # the header's shapes: what the architecture has not vouched for yet must
+  # not cost much memory if the file is hostile.  The rest is decoded after
+  # the architecture check, capped by the architecture's shapes.
+  early, budget = [], _EARLY_DECODE_ELEMENTS
+  for i, (_, role, _, shape) in enumerate(parsed.checked):
+    if role != "integer" and math.prod(shape) <= budget:
+      early.append(i)
+      budget -= math.prod(shape)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    decoding = pool.submit(_decode_values, parsed, early)
+    model = _build_model(parsed.header["model"])
+    try:
+      slots = _model_slots(model)
+    except ValueError as e:
+      _fail(f"header: model: {e}")
+    _check_architecture(slots, parsed)
+    values = decoding.result()
   model_file = _decode(parsed, [s.variable.shape.num_elements()
-                                for s in slots], requantize=False)
+                                for s in slots], requantize=False,
+                       values=values)
   _restore(slots, model_file)
   return model
 

@@ -170,6 +170,21 @@ class RoundTripTest(tf.test.TestCase, parameterized.TestCase):
     again = compress_lib.encode_model(keras_cdl.decompress(data))[0]
     self.assertEqual(data, again)
 
+  def test_early_decode_budget(self):
+    """Tensors decoded during the rebuild, after it, or a mix: same model."""
+    model = self.models["4bit"]
+    data = compress_lib.encode_model(model)[0]
+    expected = model(self.x, training=False).numpy().tobytes()
+    default = compress_lib._EARLY_DECODE_ELEMENTS  # pylint: disable=protected-access
+    try:
+      for budget in (0, 100, default):
+        compress_lib._EARLY_DECODE_ELEMENTS = budget  # pylint: disable=protected-access
+        restored = keras_cdl.decompress(data)
+        self.assertEqual(restored(self.x, training=False).numpy().tobytes(),
+                         expected, budget)
+    finally:
+      compress_lib._EARLY_DECODE_ELEMENTS = default  # pylint: disable=protected-access
+
   def test_file_objects(self):
     buffer = io.BytesIO()
     keras_cdl.compress(self.models["4bit"], buffer)
