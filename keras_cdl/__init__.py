@@ -15,6 +15,7 @@ from keras_cdl.compress import decompress
 from keras_cdl.compress import print_size_report
 from keras_cdl.compress import size_report
 from keras_cdl.configs import CDLQuantizeConfig
+from keras_cdl.distribute import communication_cost
 from keras_cdl.errors import FormatError
 from keras_cdl.model import CDLModel
 from keras_cdl.quantize import initialize_step_sizes
@@ -38,6 +39,7 @@ __all__ = [
     "CDLWeightQuantizer",
     "FormatError",
     "coding",
+    "communication_cost",
     "compress",
     "decompress",
     "errors",
