@@ -7,6 +7,7 @@ entropy (rate) terms on weights and activations, and store it entropy coded.
 from keras_cdl import coding
 from keras_cdl import compress
 from keras_cdl import errors
+from keras_cdl import export
 from keras_cdl import introspect
 from keras_cdl import layers
 from keras_cdl import ops
@@ -43,6 +44,7 @@ __all__ = [
     "compress",
     "decompress",
     "errors",
+    "export",
     "initialize_step_sizes",
     "introspect",
     "layers",
