@@ -1,9 +1,17 @@
 r"""Accuracy vs artifact size on Fashion-MNIST: CDL against TFLite and tfmot.
 
-    python benchmarks/frontier.py                 # full run (~90 min, 2 cores)
-    python benchmarks/frontier.py --quick         # smoke run (~10 min, 2 cores)
+    python benchmarks/frontier.py                 # full run (see below)
+    python benchmarks/frontier.py --quick         # smoke run
     python benchmarks/frontier.py --quick --archs=lenet5 \
         --ablations=kappa_fixed,alpha,prior,window2
+
+Run time: --quick aims at ~10 min on 2 idle cores (it took 33 min for
+LeNet5 with the ablations on a 2-core machine shared with ~5 other jobs);
+the full run is estimated from those step times at ~2.5-3 h on 2 idle cores
+(CDL steps cost ~2.4x float's), so `--archs=lenet5` alone (~75 min) is what
+fits a 90-minute budget.  Run it with `PYTHONPATH` pointing at a snapshot of
+keras_cdl if others edit the package meanwhile: autograph re-reads the source
+when it traces.
 
 For each architecture (LeNet5-Caffe, the Fashion-MNIST authors' convnet) it
 trains and measures, in one process, side by side:
@@ -84,11 +92,12 @@ flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
 flags.DEFINE_bool(
     "quick", False,
     "Smoke run: 5000 training / 2000 test images, LeNet5 3 epochs (1+2), "
-    "convnet 2 epochs (1+1), lmbda sweep {0.02, 0.1}, gamma {0.002}, step "
+    "convnet 2 epochs (1+1), lmbda sweep {0.02, 0.1} on both, gamma "
+    "{0.002}, step "
     "microbenchmark 2 rounds x 10 steps.  Explicit flags still win.")
-flags.DEFINE_list("lmbdas", ["0.005", "0.02", "0.08", "0.3"],
+flags.DEFINE_list("lmbdas", ["0.02", "0.1", "0.5"],
                   "lmbda sweep (loss units per bit per weight).")
-flags.DEFINE_list("lmbdas_convnet", None,
+flags.DEFINE_list("lmbdas_convnet", ["0.1"],
                   "lmbda sweep for the convnet (default: --lmbdas); the full "
                   "run uses fewer points there to fit its time budget.")
 flags.DEFINE_list("gammas", ["0.002"],
@@ -141,7 +150,8 @@ flags.DEFINE_bool("replot", False,
 
 _QUICK = dict(train_examples=5000, test_examples=2000, epochs_lenet5=3,
               pretrain_lenet5=1, epochs_convnet=2, pretrain_convnet=1,
-              lmbdas=["0.02", "0.1"], gammas=["0.002"], step_rounds=2,
+              lmbdas=["0.02", "0.1"], lmbdas_convnet=["0.02", "0.1"],
+              gammas=["0.002"], step_rounds=2,
               step_count=10)
 TARGETS = {
     "lenet5": dict(accuracy=0.909, coded_bytes=10 * 1024, float_drop=0.01,
@@ -573,8 +583,9 @@ def markdown(results):
     lines.append(f"Quick mode (`--quick`), what it cuts: "
                  f"{', '.join(results['cut'])} (full run: 60000/10000 "
                  "images, LeNet5 8 epochs (3 float + 5), convnet 5 (2 + 3), "
-                 "lmbda in {0.005, 0.02, 0.08, 0.3}, gamma 0.002, step "
-                 "microbenchmark 3 rounds x 20 steps).  ")
+                 f"lmbda in {{{', '.join(FLAGS['lmbdas'].default)}}} "
+                 f"(convnet {{{', '.join(FLAGS['lmbdas_convnet'].default)}}}"
+                 "), gamma 0.002, step microbenchmark 3 rounds x 20 steps).  ")
   estimated = any(r["artifact"] == "estimated"
                   for e in results["archs"].values() for r in e["rows"])
   lines.append(
