@@ -694,11 +694,17 @@ def plot(results, path):
     groups = {}
     for r in rows:
       groups.setdefault(r["method"], []).append(r)
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vDPX*"
+    names = list(METHODS) + sorted(set(groups) - set(METHODS))
     for method, group in groups.items():
       group = sorted(group, key=lambda r: r["bytes"])
       est = any(r["artifact"] == "estimated" for r in group)
+      i = names.index(method)
+      marker = markers[i % len(markers)] if "+" in method else "o"
       ax.plot([r["bytes"] for r in group], [r["accuracy"] * 100 for r in group],
-              "o-" if len(group) > 1 else "o",
+              marker + ("-" if len(group) > 1 else ""),
+              color=colors[(2 * i) % 20 + (i * 2 // 20) % 2],
               label=method + (" (estimated bytes)" if est else ""))
     ax.axvline(results["archs"][arch]["float32_weight_bytes"], color="gray",
                ls=":", lw=1, label="float32 weight bytes")
