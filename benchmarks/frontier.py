@@ -98,8 +98,9 @@ flags.DEFINE_bool(
 flags.DEFINE_list("lmbdas", ["0.02", "0.1", "0.5"],
                   "lmbda sweep (loss units per bit per weight).")
 flags.DEFINE_list("lmbdas_convnet", ["0.1"],
-                  "lmbda sweep for the convnet (default: --lmbdas); the full "
-                  "run uses fewer points there to fit its time budget.")
+                  "lmbda sweep for the convnet (empty: --lmbdas); fewer "
+                  "points than LeNet5's because a convnet CDL epoch costs "
+                  "~5x LeNet5's.")
 flags.DEFINE_list("gammas", ["0.002"],
                   "gamma sweep (loss units per bit per activation).")
 flags.DEFINE_list("ablations", [],
