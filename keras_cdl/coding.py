@@ -102,6 +102,10 @@ _KIND_CODES = {"float": 0, "quantized": 1}
 _EXTRA_ALPHA = 1
 _EXTRA_KAPPA = 2
 _PREAMBLE = struct.Struct("<4sHHQII")  # magic, version, flags, length, n, json
+# Preamble flag: the header section holds zlib-deflated JSON.
+FLAG_DEFLATED_HEADER = 0x0001
+# A deflated header may inflate to at most this many bytes (zip-bomb guard).
+MAX_HEADER_JSON = 64 * 2**20
 _CRC = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
 _TABLE_HEAD = struct.Struct("<BhHI")  # precision, offset, levels, crc32
@@ -1020,12 +1024,25 @@ def _frame(body):
   return length + body + _CRC.pack(zlib.crc32(body, zlib.crc32(length)))
 
 
+def _header_section(json_bytes):
+  """`(section bytes, flags)`: the JSON, deflated when that is smaller.
+
+  A Keras architecture shrinks several-fold, which matters next to a few
+  kilobytes of coded weights.
+  """
+  deflated = zlib.compress(json_bytes, 9)
+  if len(deflated) < len(json_bytes) and len(json_bytes) <= MAX_HEADER_JSON:
+    return deflated, FLAG_DEFLATED_HEADER
+  return json_bytes, 0
+
+
 def _seal(json_bytes, bodies):
   """Assembles a container from the header JSON and record bodies."""
+  json_bytes, flags = _header_section(json_bytes)
   frames = [_frame(body) for body in bodies]
   length = (_PREAMBLE.size + len(json_bytes) + _CRC.size +
             sum(len(f) for f in frames) + _CRC.size)
-  head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, length, len(bodies),
+  head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, length, len(bodies),
                         len(json_bytes)) + json_bytes
   out = b"".join([head, _CRC.pack(zlib.crc32(head))] + frames)
   return out + _CRC.pack(zlib.crc32(out))
@@ -1212,8 +1229,9 @@ def _check_preamble(data):
   if version != FORMAT_VERSION:
     raise FormatError(f"unsupported format version {version}: this reader "
                       f"reads version {FORMAT_VERSION}")
-  if flags != 0:
-    raise FormatError(f"preamble: flags: expected 0, found {flags:#06x}")
+  if flags & ~FLAG_DEFLATED_HEADER:
+    raise FormatError(f"preamble: flags: unknown bits in {flags:#06x} (known: "
+                      f"{FLAG_DEFLATED_HEADER:#06x}, deflated header)")
   if length != len(data):
     what = "truncated" if len(data) < length else "trailing bytes"
     raise FormatError(f"{what}: the preamble declares {length} bytes, found "
@@ -1223,7 +1241,23 @@ def _check_preamble(data):
   if stored != actual:
     raise FormatError(f"file CRC32 mismatch: stored {stored:#010x}, computed "
                       f"{actual:#010x}: the file is corrupt")
-  return count, json_len
+  return count, json_len, flags
+
+
+def _inflate_header(json_bytes):
+  """Inflates a deflated header section, bounded by `MAX_HEADER_JSON`."""
+  inflater = zlib.decompressobj()
+  try:
+    out = inflater.decompress(json_bytes, MAX_HEADER_JSON + 1)
+  except zlib.error as e:
+    raise FormatError(f"header: deflated JSON: {e}") from None
+  if len(out) > MAX_HEADER_JSON or inflater.unconsumed_tail:
+    raise FormatError(f"header: deflated JSON inflates beyond "
+                      f"{MAX_HEADER_JSON} bytes")
+  if not inflater.eof or inflater.unused_data:
+    raise FormatError("header: deflated JSON: the zlib stream is truncated "
+                      "or followed by extra bytes")
+  return out
 
 
 def decode_container(data):
@@ -1249,7 +1283,7 @@ def decode_container(data):
     raise TypeError(f"`data` must be bytes-like, but got "
                     f"{type(data).__name__}; use `read_container` for paths.")
   data = bytes(data)
-  count, json_len = _check_preamble(data)
+  count, json_len, flags = _check_preamble(data)
   end = len(data) - _CRC.size
   reader = _Reader(data, _PREAMBLE.size, end, "header")
   json_bytes = reader.take(json_len, "JSON")
@@ -1258,6 +1292,8 @@ def decode_container(data):
   if stored != actual:
     raise FormatError(f"header: CRC32 mismatch: stored {stored:#010x}, "
                       f"computed {actual:#010x}")
+  if flags & FLAG_DEFLATED_HEADER:
+    json_bytes = _inflate_header(json_bytes)
   try:
     header = json.loads(json_bytes.decode("utf-8"))
   except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -1440,7 +1476,8 @@ def container_sizes(header, records, indices=None):
   """
   indices = indices or {}
   tensors = tuple(tensor_size(r, indices.get(r.name)) for r in records)
-  container = (_PREAMBLE.size + len(_header_json(header)) + 2 * _CRC.size)
+  section, _ = _header_section(_header_json(header))
+  container = _PREAMBLE.size + len(section) + 2 * _CRC.size
   return SizeReport(tensors=tensors, container_bytes=container,
                     file_bytes=container + sum(t.record_bytes
                                                for t in tensors))

@@ -6,6 +6,7 @@ seeded and small; the whole file runs in well under a minute on 2 cores.
 """
 
 import io
+import json
 import os
 import struct
 import tempfile
@@ -51,14 +52,14 @@ def split(data):
   return json_bytes, bodies
 
 
-def seal(json_bytes, bodies, version=1):
+def seal(json_bytes, bodies, version=1, flags=0):
   """Frames bodies with lengths and CRC32s and seals the file, per FORMAT.md."""
   frames = []
   for body in bodies:
     framed = struct.pack("<Q", len(body)) + body
     frames.append(framed + struct.pack("<I", zlib.crc32(framed)))
   length = PREAMBLE.size + len(json_bytes) + 4 + sum(map(len, frames)) + 4
-  head = PREAMBLE.pack(b"KCDL", version, 0, length, len(bodies),
+  head = PREAMBLE.pack(b"KCDL", version, flags, length, len(bodies),
                        len(json_bytes)) + json_bytes
   out = head + struct.pack("<I", zlib.crc32(head)) + b"".join(frames)
   return out + struct.pack("<I", zlib.crc32(out))
@@ -611,3 +612,49 @@ class CorruptionTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class DeflatedHeaderTest(tf.test.TestCase):
+  """A large header JSON is stored deflated (preamble flag 0x0001)."""
+
+  def _records(self):
+    return [coding.float_record("bias", np.arange(3, dtype=np.float32))]
+
+  def test_large_header_is_deflated_smaller_and_round_trips(self):
+    header = {"config": {"layers": [{"name": f"dense_{i}", "units": 10}
+                                    for i in range(200)]}}
+    data = coding.encode_container(header, self._records())
+    _, _, flags, _, _, json_len = PREAMBLE.unpack_from(data)
+    self.assertEqual(flags, coding.FLAG_DEFLATED_HEADER)
+    plain = len(json.dumps(header, separators=(",", ":")).encode())
+    self.assertLess(json_len, plain // 4)
+    decoded_header, records = coding.decode_container(data)
+    self.assertEqual(decoded_header, header)
+    self.assertEqual(records, self._records())
+    sizes = coding.container_sizes(header, self._records())
+    self.assertEqual(sizes.file_bytes, len(data))
+
+  def _sealed(self, section, flags):
+    body = split(coding.encode_container({}, self._records()))[1]
+    return seal(section, body, flags=flags)
+
+  def test_corrupt_deflated_header_raises_format_error(self):
+    good = zlib.compress(b'{"a": 1}')
+    cases = {
+        "not a zlib stream": b"not zlib at all",
+        "truncated": good[:-3],
+        "extra bytes": good + b"xx",
+    }
+    for label, section in cases.items():
+      with self.subTest(label):
+        with self.assertRaisesRegex(FormatError, "header: deflated JSON"):
+          coding.decode_container(self._sealed(section, 1))
+
+  def test_header_inflating_past_the_limit_raises_format_error(self):
+    bomb = zlib.compress(b" " * (coding.MAX_HEADER_JSON + 10), 9)
+    with self.assertRaisesRegex(FormatError, "inflates beyond"):
+      coding.decode_container(self._sealed(bomb, 1))
+
+  def test_unknown_flag_bits_raise_format_error(self):
+    with self.assertRaisesRegex(FormatError, r"flags: unknown bits in 0x0002"):
+      coding.decode_container(self._sealed(b"{}", 2))

@@ -29,10 +29,16 @@ PREAMBLE = struct.Struct("<4sHHQII")
 
 
 def split(data):
-  """(json bytes, [record body bytes]) of a container, per docs/FORMAT.md."""
-  _, _, _, _, count, json_len = PREAMBLE.unpack_from(data)
+  """(json bytes, [record body bytes]) of a container, per docs/FORMAT.md.
+
+  A deflated header (flag bit 0) is returned inflated, so `seal` (which
+  writes plain JSON, flags 0) reproduces an equivalent file.
+  """
+  _, _, flags, _, count, json_len = PREAMBLE.unpack_from(data)
   pos = PREAMBLE.size
   json_bytes = data[pos:pos + json_len]
+  if flags & 1:
+    json_bytes = zlib.decompress(json_bytes)
   pos += json_len + 4
   bodies = []
   for _ in range(count):
