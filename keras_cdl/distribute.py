@@ -1,63 +1,88 @@
 """CDL under `tf.distribute`: strategies, and what crosses devices per step.
 
 A CDL model is an ordinary Keras model with `add_loss` rate terms, so it
-trains under any Keras strategy: create the float model *and* call
+trains under Keras' strategies: create the float model *and* call
 `keras_cdl.quantize_model` inside `strategy.scope()` (the quantizers create
-variables; the step-size initialisation assigns NumPy values to mirrored
-variables, which works in the scope's cross-replica context), then `compile`
-and `fit` as usual.  Tested (tests/distribute_test.py) under
-`MirroredStrategy` on two logical CPUs, `MultiWorkerMirroredStrategy` with two
-worker processes on localhost, `tf.keras.callbacks.BackupAndRestore` with a
-worker killed mid-epoch, and `compile(..., jit_compile=True)` (XLA: no
-host-side Python in the train step, the rule TPUStrategy imposes).
+variables; the step-size initialisation assigns NumPy values to the mirrored
+variables, which works in the scope's cross-replica context; give every
+worker the same `calibration_data`), then `compile` and `fit` as usual.
+Tested (tests/distribute_test.py): `MirroredStrategy` on two logical CPUs,
+`MultiWorkerMirroredStrategy` with two worker processes on localhost,
+`tf.keras.callbacks.BackupAndRestore` with a worker killed mid-epoch, and
+`compile(..., jit_compile=True)` on one device (XLA: no host-side Python in
+the train step, the rule TPUStrategy imposes).
 
 How the rate terms combine across replicas
 ------------------------------------------
 Every replica runs the forward pass on its shard of the global batch, so every
 quantizer adds its rate, `rate_weight * bits`, to its layer's losses *per
-replica* (Keras keeps losses added inside `call` per thread, so the replicas'
-terms never mix).  Keras' `compute_loss` then treats them exactly like
-regularization losses: on replica `r`
+replica* (Keras keeps the losses added inside `call` per thread, and
+MirroredStrategy runs each replica in its own thread, so the replicas' terms
+never mix).  Keras' `compute_loss` then treats them exactly as it treats
+regularization losses (`keras/src/engine/compile_utils.py`,
+`LossesContainer.__call__`): on replica `r` of `R`
 
 ```
 loss_r = mean_{b in shard r} task(b) / R  +  (sum_l rate_weight_l * bits_l,r) / R
 ```
 
-(`compile_utils.LossesContainer`: the task loss is the shard mean scaled by
-`1/R`, the `add_loss` terms are summed and scaled by `1/R`), and the
-optimizer all-reduces the gradients with a SUM.  The step therefore follows the
+(the task loss is the shard mean scaled by `1/R`; the `add_loss` terms are
+summed, then scaled by `1/R` by `losses_utils.scale_loss_for_distribution`),
+and the optimizer all-reduces the gradients with a SUM.  So a step follows the
 gradient of
 
 ```
 mean_b task(b)  +  (1/R) sum_r sum_l rate_weight_l * bits_l,r .
 ```
 
-* Weight rates `N_l^w H_l^w` depend only on the (mirrored) weights, so
-  `bits_l,r` is the same on every replica and the average is the single-device
-  value.
-* Activation rates are per sample: `bits_l,r = N_l^x * mean_{b in shard r}
-  H_l(b)`, one marginal PMF per sample.  Shards of equal size `B/R` average to
-  the global per-sample mean, `(1/R) sum_r mean_{shard r} H = mean_B H`, so the
-  rate term is the single-device one.  (A final partial batch split unevenly
-  weighs its shards' samples unequally; drop it, e.g. `drop_remainder=True`, if
-  this matters.)
+* Weight rates `N_l^w H_l^w` depend only on the (mirrored) weights:
+  `bits_l,r` is the same on every replica, and the average is the
+  single-device value.
+* Activation rates are per sample, `bits_l,r = N_l^x * mean_{b in shard r}
+  H_l(b)` with one marginal PMF per sample, so shards of equal size `B/R`
+  average to the global per-sample mean: `(1/R) sum_r mean_{shard r} H =
+  mean_B H`, the single-device rate.  (A final partial batch split into
+  unequal shards weighs its samples unequally; `drop_remainder=True` avoids
+  it.)
 
 With sampling off (`mode="rcdl"`), two replicas therefore train like one
-replica with the same global batch; the test measures the difference (float
-summation order only) and asserts it.  The logged `bits_per_weight` and
-`bits_per_activation` are replica means (Keras sums a `Mean` metric's total
-and count over replicas) and equal the single-device values too.
+replica with the same global batch (the test measures 1e-7..5e-7 after four
+SGD steps: float summation order).  The `bits_per_weight` and
+`bits_per_activation` metrics are per replica (`CDLQuantizer.last_bits` is
+kept per thread) and Keras averages them like any `Mean` metric, so they equal
+the single-device values too.
 
 Sampling (`mode="cdl"`) under strategies
 ----------------------------------------
-`keras_cdl.ops.sample_quantize` draws its uniforms with stateless random ops
-keyed by a per-step key from a seeded stateful op with the replica's global
-id folded in (`replica_id_in_sync_group`, which counts across workers): every
-replica draws different samples, each step draws new ones, and a run is
-reproducible from `tf.keras.utils.set_random_seed`, in one process, on
-several devices and on several workers.  A run resumed by `BackupAndRestore`
-restarts the random stream (the key's state is not checkpointed), so only
+`keras_cdl.ops.sample_quantize` draws its uniforms with
+`ops.replica_uniform`: a seeded stateful op draws a new key per call, the
+replica's global id (`replica_id_in_sync_group`, which counts across workers)
+is folded into it, and a stateless op draws the samples.  Every replica, on
+every worker, draws its own samples, every step draws new ones, and a run is
+reproducible from `tf.keras.utils.set_random_seed`.  (With plain
+`tf.random.uniform`, the workers of a `MultiWorkerMirroredStrategy`, whose
+graphs are identical, drew identical samples.)  The gradients are still
+all-reduced, so the weights stay identical on all replicas.  A run resumed by
+`BackupAndRestore` restarts the key stream (it is not checkpointed): only
 `mode="rcdl"` resumes bit for bit.
+
+Caveats (Keras 2.14, TensorFlow 2.14)
+-------------------------------------
+* `BackupAndRestore(save_freq="epoch")` resumes at the start of the epoch that
+  was interrupted and replays it: an rcdl run then ends with exactly the
+  weights of an uninterrupted one (tested).  With `save_freq=<steps>`, Keras
+  resumes the step count mid-epoch but restarts that epoch's data from its
+  first batch, so the batches no longer line up.
+* Under `MultiWorkerMirroredStrategy` Keras' default
+  `distribute_reduction_method` ("auto", meaning "sum") adds up the workers'
+  step logs: progress-bar values, and `CDLModel.evaluate` (whose test logs
+  omit the rate metrics, so Keras keeps the summed logs), come out multiplied
+  by the number of workers.  Set `model.distribute_reduction_method =
+  "first"` (the metric results are already synchronised); the epoch logs of
+  `fit` are right either way.
+* `jit_compile=True` under `MirroredStrategy` on logical CPU devices fails in
+  XLA ("Trying to access resource ... located in device CPU:1 from device
+  CPU:0") for any Keras model, CDL or not; XLA on one device works.
 
 Communication
 -------------
@@ -68,7 +93,8 @@ each layer boundary (pipeline model parallelism), each range coded with
 `keras_cdl.coding` against its own PMF, next to their float32 size.
 
 > E.-H. Yang and S. M. Hamidi, "Coded Deep Learning: Framework and Algorithm",
-> arXiv 2501.09849, 2025 (section 7 of docs: parallelism).
+> arXiv 2501.09849, 2025 (parallelism: weights and activations stay low
+> entropy, so what crosses devices can be sent coded).
 """
 
 import dataclasses

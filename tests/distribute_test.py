@@ -270,6 +270,13 @@ def test_multiworker_trains_in_sync_with_distinct_samples(jobs):
     assert np.isfinite(numbers["history"]["loss"]).all()
     assert np.isfinite(numbers["cdl_history"]["loss"]).all()
   assert w0["history"]["loss"][-1] < w0["history"]["loss"][0]
+  # evaluate(): with distribute_reduction_method="first" it is the loss on
+  # all the data; Keras 2.14's default sums the two workers' results.
+  for numbers in (w0, w1):
+    np.testing.assert_allclose(numbers["evaluate_first"],
+                               numbers["evaluate_local"], rtol=1e-5)
+    np.testing.assert_allclose(numbers["evaluate_auto"],
+                               2 * numbers["evaluate_first"], rtol=1e-5)
 
 
 def test_multiworker_draws_are_reproducible_across_launches(jobs):

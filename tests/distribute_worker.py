@@ -261,6 +261,16 @@ def job_multiworker():
   h = model.fit(dataset, epochs=ARGS.epochs, callbacks=callbacks, verbose=0)
   numbers["history"] = history(h)
   numbers["epochs_run"] = epochs.epochs
+  if ARGS.cdl_fit:
+    # Keras 2.14 sums the workers' test-step logs ("auto" reduction), and
+    # CDLModel's test logs lack the rate keys, so Keras does not replace them
+    # by the metrics' own (synchronised) results: evaluate() comes out
+    # multiplied by the number of workers unless the reduction is "first".
+    numbers["evaluate_auto"] = float(model.evaluate(dataset, verbose=0))
+    model.distribute_reduction_method = "first"
+    model.test_function = None
+    numbers["evaluate_first"] = float(model.evaluate(dataset, verbose=0))
+    numbers["evaluate_local"] = float(XENT(y, model(x, training=False)))
   weights.update(arrays(model))
   write(f"multiworker{ARGS.tag}-{task}", numbers, weights)
 
