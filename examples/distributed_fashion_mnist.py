@@ -136,12 +136,13 @@ def main(argv):
   say(f"\nCommunication per training step (one per-replica batch of "
       f"{len(batch)}):")
   say(cost.table())
+  weights_x = cost.weight_float32_bytes / cost.weight_coded_bytes
+  activations_x = (cost.activation_float32_bytes /
+                   max(cost.activation_coded_bytes, 1))
   say(f"weights: {cost.weight_coded_bytes:,} coded vs "
-      f"{cost.weight_float32_bytes:,} float32 bytes "
-      f"(x{cost.weight_float32_bytes / cost.weight_coded_bytes:.1f}); "
+      f"{cost.weight_float32_bytes:,} float32 bytes (x{weights_x:.1f}); "
       f"activations: {cost.activation_coded_bytes:,} vs "
-      f"{cost.activation_float32_bytes:,} "
-      f"(x{cost.activation_float32_bytes / max(cost.activation_coded_bytes, 1):.1f})")
+      f"{cost.activation_float32_bytes:,} (x{activations_x:.1f})")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -72,8 +71,8 @@ class _Process:
     self.name = name
     self.log_path = os.path.join(out, name + ".log")
     self._log = open(self.log_path, "w")  # pylint: disable=consider-using-with
-    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    full_env.pop("TF_CONFIG", None)
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    full_env.pop("TF_CONFIG", None)  # Only the cluster jobs get one.
     full_env.update(env or {})
     self.popen = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, WORKER, f"--out={out}"] + args, cwd=REPO,
