@@ -72,6 +72,7 @@ __all__ = [
     "dequantize_record",
     "encode_container",
     "decode_container",
+    "write_bytes",
     "write_container",
     "read_container",
     "tensor_size",
@@ -1340,7 +1341,15 @@ def write_container(path_or_fileobj, header, records):
 
   A path is written atomically (to a temporary file, then renamed).
   """
-  data = encode_container(header, records)
+  return write_bytes(path_or_fileobj, encode_container(header, records))
+
+
+def write_bytes(path_or_fileobj, data):
+  """Writes `data` to a file object, or atomically to a path; returns its size.
+
+  A path is written to a temporary file beside it, then renamed, so a crash
+  never leaves a half-written `.cdl` file under the real name.
+  """
   if hasattr(path_or_fileobj, "write"):
     path_or_fileobj.write(data)
     return len(data)

@@ -310,20 +310,7 @@ def compress(model, path, *, precision=None):
   Returns:
     The number of bytes written.
   """
-  data = encode_model(model, precision=precision)[0]
-  if hasattr(path, "write"):
-    path.write(data)
-    return len(data)
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return len(data)
+  return coding.write_bytes(path, encode_model(model, precision=precision)[0])
 
 
 # -----------------------------------------------------------------------------
