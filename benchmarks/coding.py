@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 
+import sections  # benchmarks/sections.py, beside this script
 from absl import app
 from absl import flags
 import numpy as np
@@ -247,20 +248,7 @@ def markdown(results, command, date, extra):
 
 
 def write_section(path, section):
-  text = ""
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  pattern = re.compile(re.escape(START) + ".*?" + re.escape(END) + "\n?",
-                       re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section, text)
-  else:
-    if not text:
-      text = "# Benchmarks\n"
-    text = text.rstrip("\n") + "\n\n" + section
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
+  sections.write_section(path, START, END, section)
 
 
 def main(argv):

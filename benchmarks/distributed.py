@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 
+import sections  # benchmarks/sections.py, beside this script
 from absl import app
 from absl import flags
 import numpy as np
@@ -334,20 +335,7 @@ def section(throughput, comm, meta):
 
 
 def write_section(path, text_section):
-  text = ""
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  pattern = re.compile(re.escape(START) + ".*?" + re.escape(END) + "\n?",
-                       re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: text_section, text)
-  else:
-    if not text:
-      text = "# Benchmarks\n"
-    text = text.rstrip("\n") + "\n\n" + text_section
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
+  sections.write_section(path, START, END, text_section)
 
 
 def main(argv):
