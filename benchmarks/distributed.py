@@ -71,8 +71,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", list(CONFIGS), "Throughput configurations.")
 flags.DEFINE_integer("batch_size", 64, "Global batch of the throughput runs.")
 flags.DEFINE_integer("warmup", 3, "Untimed first steps (tracing).")
-flags.DEFINE_integer("steps", 12, "Timed steps.")
-flags.DEFINE_integer("rounds", 2,
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("rounds", 3,
                      "Runs of every configuration, interleaved; the table "
                      "shows the best and the median (load from other jobs "
                      "only ever slows a run down).")
