@@ -294,6 +294,20 @@ def section(throughput, comm, meta):
           f"({r['median_steps_per_second']:.2f}) | "
           f"{r['steps_per_second'] / base['steps_per_second']:.2f}x | "
           f"{r['step_seconds_median']:.2f} | {r['first_step_seconds']:.1f} |")
+    pairs = [(label, throughput[two]["steps_per_second"] /
+              throughput[one]["steps_per_second"])
+             for label, one, two in (("MirroredStrategy", "mirrored1",
+                                      "mirrored2"),
+                                     ("MultiWorkerMirroredStrategy",
+                                      "multiworker1", "multiworker2"))
+             if one in throughput and two in throughput]
+    if pairs:
+      lines += ["", "Two replicas vs one: " + "; ".join(
+          f"{label} {ratio:.2f}x" for label, ratio in pairs) +
+                " of the step rate (best runs): the same two cores do the "
+                "same work per global batch, plus each step's all-reduce of "
+                "the 3.27M gradients (a ring over gRPC between workers) and "
+                "the replica threads or the second process."]
     lines.append("")
   if comm:
     before, after = comm["before"], comm["after"]
@@ -347,9 +361,9 @@ def main(argv):
     if name not in CONFIGS:
       raise ValueError(f"--configs: unknown {name!r}; one of {list(CONFIGS)}")
   os.makedirs(FLAGS.output_dir, exist_ok=True)
-  meta = {"command": "python benchmarks/distributed.py " + " ".join(
-      sys.argv[1:]), "date": _date(), "machine": _machine(),
-          "load_before": _load()}
+  meta = {"command": " ".join(["python benchmarks/distributed.py"] +
+                              sys.argv[1:]),
+          "date": _date(), "machine": _machine(), "load_before": _load()}
   runs = {name: [] for name in FLAGS.configs}
   for round_index in range(FLAGS.rounds):
     for name in FLAGS.configs:
