@@ -39,8 +39,6 @@ Writes BENCHMARKS.md's `<!-- coding:start -->`...`<!-- coding:end -->` section
 
 import datetime
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -150,23 +148,9 @@ def train(model, steps, lmbda, seed):
 
 
 def _machine():
-  cpu = platform.processor() or "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = re.findall(r"model name\s*:\s*(.*)", f.read())
-    cpu = names[0].strip() if names else cpu
-  except OSError:
-    pass
-  memory = "unknown memory"
-  try:
-    with open("/proc/meminfo") as f:
-      kib = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
-    memory = f"{kib / 2**20:.1f} GiB"
-  except (OSError, AttributeError):
-    pass
   load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-  return (f"{os.cpu_count()} cores (nproc), {cpu}, {memory} RAM; load "
-          f"average at the end {load} (shared machine: other jobs ran)")
+  return (f"{sections.machine()}; load average at the end {load} (shared "
+          "machine: other jobs ran)")
 
 
 def _code_version():

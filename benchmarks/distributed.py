@@ -32,8 +32,6 @@ section only (creating the file if absent), and `--output_dir`/results.json.
 import datetime
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -229,23 +227,7 @@ def _communication():
 # Report.
 # -----------------------------------------------------------------------------
 def _machine():
-  cpu = platform.processor() or "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = re.findall(r"model name\s*:\s*(.*)", f.read())
-    cpu = names[0].strip() if names else cpu
-  except OSError:
-    pass
-  memory = "unknown memory"
-  try:
-    with open("/proc/meminfo") as f:
-      kib = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
-    memory = f"{kib / 2**20:.1f} GiB"
-  except (OSError, AttributeError):
-    pass
-  nproc = subprocess.run(["nproc"], capture_output=True, text=True,
-                         check=False).stdout.strip() or str(os.cpu_count())
-  return f"{nproc} cores (nproc), {cpu}, {memory} RAM"
+  return sections.machine()
 
 
 def _date():

@@ -1,9 +1,11 @@
 """BENCHMARKS.md is shared: each benchmark owns one marked section of it."""
 
 import os
+import platform
 import re
+import subprocess
 
-__all__ = ["write_section"]
+__all__ = ["write_section", "machine"]
 
 
 def write_section(path, start, end, section):
@@ -29,3 +31,24 @@ def write_section(path, start, end, section):
     text = text.rstrip("\n") + "\n\n" + section
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
+
+
+def machine():
+  """`"<nproc> cores (nproc), <CPU model>, <memory> RAM"` of this machine."""
+  cpu = platform.processor() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = re.findall(r"model name\s*:\s*(.*)", f.read())
+    cpu = names[0].strip() if names else cpu
+  except OSError:
+    pass
+  memory = "unknown memory"
+  try:
+    with open("/proc/meminfo") as f:
+      kib = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
+    memory = f"{kib / 2**20:.1f} GiB"
+  except (OSError, AttributeError):
+    pass
+  nproc = subprocess.run(["nproc"], capture_output=True, text=True,
+                         check=False).stdout.strip() or str(os.cpu_count())
+  return f"{nproc} cores (nproc), {cpu}, {memory} RAM"
