@@ -171,14 +171,29 @@ def _flat_indices(indices, name="indices"):
   return array.reshape(-1)
 
 
-def _count_levels(flat):
-  """Returns `(lo, counts)`: the histogram of `flat` over `[min, max]`."""
+def _symbols_and_counts(flat):
+  """Returns `(lo, symbols, counts)` of flat integer indices.
+
+  `symbols` is the int32 `flat - lo`, the range coder's input, and `counts`
+  their histogram over `[0, max - min]`.  One subtraction and one
+  `np.bincount`: no int64 copy of the indices beyond bincount's own.
+  """
   lo, hi = int(flat.min()), int(flat.max())
   if hi - lo + 1 > 2**16:
     raise ValueError(
         f"`indices` must span at most 65536 levels, but they span "
         f"[{lo}, {hi}] = {hi - lo + 1} levels.")
-  return lo, np.bincount(flat.astype(np.int64) - lo, minlength=hi - lo + 1)
+  _check_int16_span(lo, hi - lo + 1)
+  if flat.dtype != np.int32:
+    flat = flat.astype(np.int32)
+  symbols = flat - np.int32(lo)
+  return lo, symbols, np.bincount(symbols, minlength=hi - lo + 1)
+
+
+def _count_levels(flat):
+  """Returns `(lo, counts)`: the histogram of `flat` over `[min, max]`."""
+  lo, _, counts = _symbols_and_counts(flat)
+  return lo, counts
 
 
 def _entropy_of_counts(counts):
@@ -393,12 +408,16 @@ def _choose_precision(counts):
   return best[1], best[2]
 
 
-def _build_table(lo, counts, precision, crc32=None):
-  """The table of a histogram `counts` starting at level `lo`."""
-  if not -2**15 <= lo or lo + counts.size - 1 >= 2**15:
+def _check_int16_span(lo, levels):
+  if not -2**15 <= lo or lo + levels - 1 >= 2**15:
     raise ValueError(
         f"`indices` must lie in the int16 range [-32768, 32767], but they "
-        f"span [{lo}, {lo + counts.size - 1}].")
+        f"span [{lo}, {lo + levels - 1}].")
+
+
+def _build_table(lo, counts, precision, crc32=None):
+  """The table of a histogram `counts` starting at level `lo`."""
+  _check_int16_span(lo, counts.size)
   if counts.size > 1 << (precision or PRECISIONS[-1]):
     precision = precision or PRECISIONS[-1]
     raise ValueError(
@@ -435,8 +454,8 @@ def build_table(indices, precision=None):
 # -----------------------------------------------------------------------------
 # Range coding.
 # -----------------------------------------------------------------------------
-def _range_encode(flat, table):
-  symbols = flat.astype(np.int32) - np.int32(table.offset)
+def _range_encode(symbols, table):
+  """Range-codes int32 `symbols` (indices minus `table.offset`)."""
   with tf.device("/cpu:0"):
     handle = tfc.create_range_encoder([], tf.constant(table.lookup))
     handle = tfc.entropy_encode_channel(handle, tf.constant(symbols))
@@ -472,11 +491,11 @@ def encode_indices(indices, precision=None):
   """
   precision = _check_precision(precision)
   flat = _flat_indices(indices)
-  lo, counts = _count_levels(flat)
+  lo, symbols, counts = _symbols_and_counts(flat)
   table = _build_table(lo, counts, precision, indices_crc32(flat))
   if table.num_levels == 1:
     return b"", table
-  return _range_encode(flat, table), table
+  return _range_encode(symbols, table), table
 
 
 def _check_shape(shape, name="shape"):
@@ -1021,8 +1040,9 @@ def _record_body(record):
 
 
 def _frame(body):
+  """`[length, body, CRC32]` of a record; joined once, by `_seal`."""
   length = _LEN.pack(len(body))
-  return length + body + _CRC.pack(zlib.crc32(body, zlib.crc32(length)))
+  return [length, body, _CRC.pack(zlib.crc32(body, zlib.crc32(length)))]
 
 
 def _header_section(json_bytes):
@@ -1040,13 +1060,17 @@ def _header_section(json_bytes):
 def _seal(json_bytes, bodies):
   """Assembles a container from the header JSON and record bodies."""
   json_bytes, flags = _header_section(json_bytes)
-  frames = [_frame(body) for body in bodies]
+  frames = [part for body in bodies for part in _frame(body)]
   length = (_PREAMBLE.size + len(json_bytes) + _CRC.size +
             sum(len(f) for f in frames) + _CRC.size)
   head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, length, len(bodies),
                         len(json_bytes)) + json_bytes
-  out = b"".join([head, _CRC.pack(zlib.crc32(head))] + frames)
-  return out + _CRC.pack(zlib.crc32(out))
+  parts = [head, _CRC.pack(zlib.crc32(head))] + frames
+  crc = 0  # The file CRC32, chained over the parts: no joined copy to scan.
+  for part in parts:
+    crc = zlib.crc32(part, crc)
+  parts.append(_CRC.pack(crc))
+  return b"".join(parts)
 
 
 def _header_json(header):
@@ -1285,11 +1309,12 @@ def decode_container(data):
                     f"{type(data).__name__}; use `read_container` for paths.")
   data = bytes(data)
   count, json_len, flags = _check_preamble(data)
+  view = memoryview(data)  # CRC32s over slices without copying them.
   end = len(data) - _CRC.size
   reader = _Reader(data, _PREAMBLE.size, end, "header")
   json_bytes = reader.take(json_len, "JSON")
   stored = reader.one("<I", "header CRC32")
-  actual = zlib.crc32(data[:_PREAMBLE.size + json_len])
+  actual = zlib.crc32(view[:_PREAMBLE.size + json_len])
   if stored != actual:
     raise FormatError(f"header: CRC32 mismatch: stored {stored:#010x}, "
                       f"computed {actual:#010x}")
@@ -1318,9 +1343,9 @@ def decode_container(data):
           f"{where}: record length {body_len} runs past the end: only "
           f"{max(0, end - reader.pos - _CRC.size)} bytes remain")
     body_start = reader.pos
-    reader.take(body_len, "record body")
+    reader.pos += body_len  # In bounds: checked above.
     stored = reader.one("<I", "record CRC32")
-    actual = zlib.crc32(data[body_start - _LEN.size:body_start + body_len])
+    actual = zlib.crc32(view[body_start - _LEN.size:body_start + body_len])
     if stored != actual:
       raise FormatError(f"{where}: CRC32 mismatch: stored {stored:#010x}, "
                         f"computed {actual:#010x}")
