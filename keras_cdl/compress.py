@@ -96,6 +96,9 @@ _NAME_SUFFIX = re.compile(r":\d+$")
 # `decompress` decodes tensors of up to this many elements in all (256 MiB of
 # int32) while the architecture is rebuilt, before it bounds their shapes.
 _EARLY_DECODE_ELEMENTS = 2**26
+# `decompress` creates variables of at least this many elements as zeros
+# instead of running their initializers (see `_ZeroInit`).
+_ZERO_INIT_ELEMENTS = 1024
 
 
 # -----------------------------------------------------------------------------
@@ -165,9 +168,10 @@ def _model_slots(model):
   slots = [dataclasses.replace(
       s, log_step=names.get(id(s.tensor.variables["log_step"])))
            if s.tensor is not None else s for s in slots]
-  metrics = _metric_variable_ids(model)
-  missing = [v.name for v in model.weights
-             if id(v) not in seen and id(v) not in metrics]
+  missing = [v for v in model.weights if id(v) not in seen]
+  if missing:  # Walking every submodule is slow: only when it matters.
+    metrics = _metric_variable_ids(model)
+    missing = [v.name for v in missing if id(v) not in metrics]
   if missing:
     raise ValueError(
         f"`model` has variables outside its layers, which a .cdl file cannot "
@@ -347,8 +351,8 @@ class StoredVariable:
       shape = [1] * len(self.shape)
       shape[self.record.channel_axis] = -1
       step = np.reshape(step, shape)
-    return (self.value.astype(np.float32) * np.float32(step)).astype(
-        np.float32)
+    return np.multiply(self.value, np.asarray(step, np.float32),
+                       dtype=np.float32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -504,6 +508,46 @@ def _check_requantization(name, indices, step, restored, lo, hi):
           f"stored steps do not match the model's log_step")
 
 
+def _level_grid(record, rank):
+  """`(indices, restored)` for every level of the table in every channel.
+
+  The levels are the table's whole span `[offset, offset + levels)`, which
+  holds every index the kernel holds (at most `2**bits` levels: the record
+  was validated against its index range); `restored` is `indices * step` in
+  float32 exactly as `StoredVariable.restored` computes it, shaped to rank
+  `rank` with the channels along the record's `channel_axis`.  Re-quantizing
+  `restored` checks every `(index, channel)` pair the kernel can contain, so
+  it stands in for re-quantizing the whole kernel, at the cost of `levels x
+  channels` elements instead of the kernel's.  `None` when the kernel's rank
+  leaves no room for the grid (a scalar or a per-channel vector).
+  """
+  table, axis = record.table, record.channel_axis
+  levels = np.arange(table.offset, table.offset + table.num_levels,
+                     dtype=np.int32)
+  step = record.step
+  if axis is None:
+    if rank < 1:
+      return None
+    indices = levels.reshape([-1] + [1] * (rank - 1))
+  else:
+    if rank < 2:
+      return None
+    other = 1 if axis == 0 else 0
+    shape = [1] * rank
+    shape[other], shape[axis] = levels.size, step.size
+    indices = np.ascontiguousarray(np.broadcast_to(
+        levels.reshape([-1 if d == other else 1 for d in range(rank)]),
+        shape))
+    step = step.reshape([-1 if d == axis else 1 for d in range(rank)])
+  return indices, np.multiply(indices, step, dtype=np.float32)
+
+
+def _requantizes(indices, step, restored, lo, hi):
+  with np.errstate(all="ignore"):
+    again = np.clip(np.round(restored / step), lo, hi)
+  return np.array_equal(again, indices)
+
+
 def _read_bytes(source):
   if isinstance(source, (bytes, bytearray, memoryview)):
     return bytes(source)
@@ -595,6 +639,12 @@ def _decode(parsed, max_elements=None, requantize=True, values=None):
       shape = [1] * len(v.shape)
       shape[v.record.channel_axis] = -1
       step_b = step.reshape(shape)
+    grid = _level_grid(v.record, len(v.shape))
+    if grid is not None and _requantizes(grid[0], step_b, grid[1], lo, hi):
+      continue
+    # The grid failed (or has no room): check the kernel itself, which
+    # raises with the element's position, or passes if only an (index,
+    # channel) pair the kernel does not hold failed.
     _check_requantization(v.name, v.value, step_b, v.restored(), lo, hi)
   return ModelFile(parsed.header, tuple(variables), parsed.file_bytes)
 
@@ -660,7 +710,38 @@ def _layer_classes(config):
   return []
 
 
-def _build_model(model_header):
+class _ZeroInit:
+  """A variable creator that starts large variables at zeros.
+
+  Every variable of a rebuilt model is overwritten from the file, so running
+  the layers' random initializers (Glorot on the 3.2M-weight convnet's
+  kernels) is wasted work proportional to the weights.  Variables of at
+  least `_ZERO_INIT_ELEMENTS` elements with a known shape are created by
+  `tf.zeros` instead and remembered in `created`, so `decompress` can check
+  each was restored.  Small ones (metric counters and such) keep their
+  initializers.
+  """
+
+  def __init__(self):
+    self.created = []
+
+  def __call__(self, next_creator, **kwargs):
+    shape, dtype = kwargs.get("shape"), kwargs.get("dtype")
+    if (callable(kwargs.get("initial_value")) and shape is not None and
+        dtype is not None):
+      shape = tf.TensorShape(shape)
+      if (shape.is_fully_defined() and
+          shape.num_elements() >= _ZERO_INIT_ELEMENTS):
+        dtype = tf.as_dtype(dtype)
+        kwargs["initial_value"] = lambda: tf.zeros(shape, dtype)
+        variable = next_creator(**kwargs)
+        self.created.append(variable)
+        return variable
+    return next_creator(**kwargs)
+
+
+def _build_model(model_header, zero_init=None):
+  """Rebuilds the Keras model of the header (`_ZeroInit` `zero_init`)."""
   config = _strip_build_configs(model_header["config"])
   if "Lambda" in _layer_classes(config):
     _fail("header: model: the architecture has a Lambda layer; a .cdl file "
@@ -668,8 +749,10 @@ def _build_model(model_header):
   classes = {"CDLModel": model_lib.CDLModel, "Functional": tf.keras.Model,
              "Sequential": tf.keras.Sequential}
   model_class = classes[model_header["class_name"]]
+  creator = (contextlib.nullcontext() if zero_init is None else
+             tf.variable_creator_scope(zero_init))
   try:
-    with quantize_lib.quantize_scope(), _safe_mode_scope():
+    with quantize_lib.quantize_scope(), _safe_mode_scope(), creator:
       try:
         with _autograph_off():
           model = model_class.from_config(config)
@@ -722,6 +805,23 @@ def _check_architecture(slots, parsed):
               f"the file's {parsed.entries[i]['log_step']!r}")
 
 
+def _requantized_by_model(slot, var):
+  """Whether the model's quantizer re-quantizes `i * q` to `i`.
+
+  Runs the quantizer on `_level_grid`'s every (index, channel) pair rather
+  than on the kernel: the quantizer is elementwise given its steps, so this
+  covers every element of the kernel.  `False` when the grid fails or has
+  no room; the caller then checks the kernel itself.
+  """
+  grid = _level_grid(var.record, len(var.shape))
+  if grid is None:
+    return False
+  indices, restored = grid
+  again = slot.tensor.quantizer.indices(
+      tf.cast(restored, slot.variable.dtype), slot.tensor.variables)
+  return np.array_equal(again.numpy(), indices)
+
+
 def _restore(slots, model_file):
   """Assigns the stored values to the model's variables, checking each."""
   for slot, var in zip(slots, model_file.variables):
@@ -730,6 +830,10 @@ def _restore(slots, model_file):
   for slot, var in zip(slots, model_file.variables):
     if var.role == "quantized":
       slot.variable.assign(tf.cast(var.restored(), slot.variable.dtype))
+      if _requantized_by_model(slot, var):
+        continue
+      # Re-quantize the kernel itself: fails with the element's position,
+      # or passes if only a pair the kernel does not hold failed.
       again = slot.tensor.indices()
       if not np.array_equal(again, var.value):
         k = int(np.flatnonzero(again.reshape(-1) != var.value.reshape(-1))[0])
@@ -762,6 +866,13 @@ def decompress(source):
     FormatError: the file is malformed, on the container or the model level;
       the message names what is wrong.
   """
+  return _decompress(source)
+
+
+def _decompress(source, model=None):
+  """`decompress`; with `model`, restores into that model instead of a
+  rebuilt one (benchmarks/coding.py's decompress without the rebuild).
+  Everything else, the checks included, is the same."""
   parsed = _parse(source)
   # Decode while Keras rebuilds the architecture (the range decoder runs
   # without the GIL), but only up to a fixed budget of elements bounded by
@@ -775,7 +886,9 @@ def decompress(source):
       budget -= math.prod(shape)
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     decoding = pool.submit(_decode_values, parsed, early)
-    model = _build_model(parsed.header["model"])
+    zero_init = _ZeroInit()
+    if model is None:
+      model = _build_model(parsed.header["model"], zero_init)
     try:
       slots = _model_slots(model)
     except ValueError as e:
@@ -786,6 +899,11 @@ def decompress(source):
                                 for s in slots], requantize=False,
                        values=values)
   _restore(slots, model_file)
+  restored = {id(s.variable) for s in slots}
+  if any(id(v) not in restored for v in zero_init.created):
+    raise AssertionError(  # A bug, not a bad file.
+        f"variables created as zeros but not restored: "
+        f"{[v.name for v in zero_init.created if id(v) not in restored]}")
   return model
 
 
