@@ -268,7 +268,8 @@ def encode_model(model, *, precision=None):
       tensor = slot.tensor
       quantizer = tensor.quantizer
       step, axis = _step_of(tensor)
-      index = tensor.indices()
+      # The quantizer's own indices, read in place (no `.numpy()` copy).
+      index = np.asarray(quantizer.indices(tensor.weight, tensor.variables))
       records.append(coding.quantized_record(
           slot.name, index, bits=quantizer.bits, signed=quantizer.signed,
           step=step, channel_axis=axis, dtype=variable.dtype.name,
