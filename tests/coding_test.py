@@ -171,6 +171,20 @@ class EncodeDecodeTest(tf.test.TestCase, parameterized.TestCase):
     np.testing.assert_array_equal(coding.decode_indices(payload, table, 1000),
                                   u)
 
+  def test_tensors_longer_than_a_chunk(self):
+    # The histogram and CRC32 run over chunks of coding._CHUNK indices.
+    rng = np.random.default_rng(2)
+    n = 2 * coding._CHUNK + 17  # pylint: disable=protected-access
+    x = laplacian(rng, 3.0, (n,), -127, 127)
+    for dtype in (np.int8, np.int32, np.int64):
+      payload, table = coding.encode_indices(x.astype(dtype).reshape(-1, 1))
+      self.assertEqual(table.crc32, coding.indices_crc32(x))
+      counts = np.bincount(x - x.min())
+      np.testing.assert_array_equal(table.freqs > 0, counts > 0)
+      self.assertEqual(table, coding.build_table(x.astype(dtype)))
+      np.testing.assert_array_equal(
+          coding.decode_indices(payload, table, (n, 1)), x.reshape(-1, 1))
+
   def test_unused_levels_get_zero_frequency(self):
     x = np.array([-5] * 3 + [0] * 1000 + [5] * 2)
     table = coding.build_table(x)

@@ -191,6 +191,31 @@ class RoundTripTest(tf.test.TestCase, parameterized.TestCase):
     finally:
       compress_lib._EARLY_DECODE_ELEMENTS = default  # pylint: disable=protected-access
 
+  def test_variables_created_as_zeros_are_all_restored(self):
+    """decompress skips the initializers of variables it overwrites; with
+    the threshold at 2 elements every non-scalar variable starts at zeros
+    (the test models' are all below the default), and the outputs are
+    still bitwise the original's."""
+    default = compress_lib._ZERO_INIT_ELEMENTS  # pylint: disable=protected-access
+    try:
+      compress_lib._ZERO_INIT_ELEMENTS = 2  # pylint: disable=protected-access
+      for key, model in self.models.items():
+        restored = keras_cdl.decompress(compress_lib.encode_model(model)[0])
+        self.assertEqual(restored(self.x, training=False).numpy().tobytes(),
+                         model(self.x, training=False).numpy().tobytes(), key)
+    finally:
+      compress_lib._ZERO_INIT_ELEMENTS = default  # pylint: disable=protected-access
+
+  def test_decompress_into_a_rebuilt_model(self):
+    # What benchmarks/coding.py times as decompress without the rebuild.
+    model = self.models["4bit"]
+    data = compress_lib.encode_model(model)[0]
+    rebuilt = compress_lib._build_model(  # pylint: disable=protected-access
+        coding.decode_container(data)[0]["model"])
+    self.assertIs(compress_lib._decompress(data, rebuilt), rebuilt)  # pylint: disable=protected-access
+    self.assertEqual(rebuilt(self.x, training=False).numpy().tobytes(),
+                     model(self.x, training=False).numpy().tobytes())
+
   def test_file_objects(self):
     buffer = io.BytesIO()
     keras_cdl.compress(self.models["4bit"], buffer)
@@ -495,6 +520,80 @@ class CorruptionTest(tf.test.TestCase, parameterized.TestCase):
         signed=True, step=float(records[k].step) * 1.5)
     self.check(self.container(records=records), "not exp\\(log_step\\)",
                rebuild=False)
+
+  def _with_huge_step(self, indices):
+    """The container with quant_dense/kernel holding `indices` at a step so
+    large that `2 * step` overflows float32 (and its log_step to match)."""
+    name = "quant_dense/kernel"
+    k = self.record_index(name)
+    j = self.record_index(name + "_log_step")
+    records = list(self.records)
+    log_step = np.full(records[j].shape, np.log(2.5e38), np.float32)
+    step = np.exp(log_step.astype(np.float64)).astype(np.float32)
+    records[j] = coding.float_record(records[j].name, log_step)
+    records[k] = coding.quantized_record(
+        name, indices, bits=4, signed=True,
+        step=step if records[k].channel_axis is not None else float(step),
+        channel_axis=records[k].channel_axis)
+    return self.container(records=records)
+
+  def test_requantization_on_the_level_grid_falls_back_to_the_kernel(self):
+    # Indices 0 and 7 re-quantize to themselves (7 * step is inf, which
+    # clips to 7), but 2 * step is inf too: the (level, channel) grid
+    # fails at level 2, which the kernel does not hold, so the whole
+    # kernel is checked instead, and passes.
+    shape = self.indices["quant_dense/kernel"].shape
+    ok = np.where(np.arange(np.prod(shape)) % 3 == 0, 7, 0).reshape(shape)
+    data = self._with_huge_step(ok)
+    record = [r for r in coding.decode_container(data)[1]
+              if r.name == "quant_dense/kernel"][0]
+    grid_indices, grid_values = compress_lib._level_grid(record, 2)  # pylint: disable=protected-access
+    step = (record.step if record.channel_axis is None else
+            record.step.reshape(1, -1))
+    self.assertFalse(compress_lib._requantizes(  # pylint: disable=protected-access
+        grid_indices, step, grid_values, -7, 7))
+    file = compress_lib.read_model_file(data)
+    stored = {v.name: v for v in file.variables}["quant_dense/kernel"]
+    np.testing.assert_array_equal(stored.value, ok)
+    model = keras_cdl.decompress(data)
+    kernel = [t for t in introspect.quantized_tensors(model)
+              if t.name == "quant_dense/kernel"][0]
+    np.testing.assert_array_equal(kernel.indices(), ok)
+    # With a 2 in the kernel, the kernel check itself fails and says where.
+    bad = ok.copy()
+    bad.reshape(-1)[4] = 2
+    self.check(self._with_huge_step(bad),
+               "re-quantizes to .*7.* at flat position 4|index 2 at flat "
+               "position 4 re-quantizes to 7", rebuild=False)
+
+  def test_level_grid_covers_every_index_and_channel(self):
+    rng = np.random.default_rng(3)
+    for shape, axis in (((3, 4, 5), None), ((3, 4, 5), 2), ((3, 4, 5), 0),
+                        ((6, 2), 1), ((7,), None)):
+      indices = rng.integers(-5, 6, shape).astype(np.int32)
+      step = (rng.uniform(0.01, 1.0, shape[axis]).astype(np.float32)
+              if axis is not None else np.float32(0.3))
+      record = coding.quantized_record("t", indices, bits=4, signed=True,
+                                       step=step, channel_axis=axis)
+      grid = compress_lib._level_grid(record, len(shape))  # pylint: disable=protected-access
+      grid_indices, grid_values = grid
+      self.assertEqual(grid_indices.ndim, len(shape))
+      variable = compress_lib.StoredVariable("t", "quantized", "float32",
+                                             shape, record, indices)
+      restored = variable.restored()
+      # Every element's (index, channel, restored value) is on the grid.
+      channel = (np.zeros(shape, int) if axis is None else
+                 np.indices(shape)[axis])
+      grid_channel = (np.zeros(grid_indices.shape, int) if axis is None else
+                      np.indices(grid_indices.shape)[axis])
+      on_grid = {(int(i), int(c), float(v)) for i, c, v in zip(
+          grid_indices.ravel(), grid_channel.ravel(), grid_values.ravel())}
+      for i, c, v in zip(indices.ravel(), channel.ravel(), restored.ravel()):
+        self.assertIn((int(i), int(c), float(v)), on_grid)
+    # No room for a grid: a per-channel vector.
+    record = coding.quantized_record("v", np.arange(4), bits=4, signed=True,
+                                     step=np.ones(4), channel_axis=0)
+    self.assertIsNone(compress_lib._level_grid(record, 1))  # pylint: disable=protected-access
 
   def test_decoded_sizes_are_capped(self):
     with self.assertRaisesRegex(FormatError, "more than max_elements=100"):
