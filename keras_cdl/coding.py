@@ -354,9 +354,10 @@ def _quantize_counts(counts, precision):
   if counts.size == 1:
     return np.array([total], dtype=np.int64)
   pmf = counts / counts.sum()
-  with tf.device("/cpu:0"):
-    cdf = tfc.pmf_to_quantized_cdf(
-        tf.constant(pmf, tf.float32), precision=precision).numpy()
+  # On the CPU: `_build_table` enters the device scope once for all
+  # precisions (entering it costs about as much as the op).
+  cdf = tfc.pmf_to_quantized_cdf(
+      tf.constant(pmf, tf.float32), precision=precision).numpy()
   freqs = np.diff(cdf.astype(np.int64))
   unused = counts == 0
   spare = int(freqs[unused].sum())
@@ -378,13 +379,11 @@ def _quantize_counts(counts, precision):
   return freqs
 
 
-def _varint_size(value):
-  return max(1, (int(value).bit_length() + 6) // 7)
-
-
 def _table_size(freqs):
   """Bytes of a serialised table (see `_table_bytes`)."""
-  return _TABLE_HEAD.size + sum(_varint_size(f) for f in freqs.tolist())
+  # Varints of 1, 2 or 3 bytes (frequencies are at most 2**16 < 2**21).
+  return _TABLE_HEAD.size + freqs.size + int(
+      np.count_nonzero(freqs >= 1 << 7) + np.count_nonzero(freqs >= 1 << 14))
 
 
 def _choose_precision(counts):
@@ -430,10 +429,11 @@ def _build_table(lo, counts, precision, crc32=None):
         f"`indices` span {counts.size} levels [{lo}, {lo + counts.size - 1}], "
         f"more than the 2**{precision} = {1 << precision} a table of "
         f"`precision`={precision} can hold.")
-  if precision is None:
-    precision, freqs = _choose_precision(counts)
-  else:
-    freqs = _quantize_counts(counts, precision)
+  with tf.device("/cpu:0"):
+    if precision is None:
+      precision, freqs = _choose_precision(counts)
+    else:
+      freqs = _quantize_counts(counts, precision)
   return CodingTable(lo, precision, freqs, crc32)
 
 
