@@ -6,26 +6,39 @@ r"""Coding throughput and sizes of `keras_cdl.compress` on the reference convnet
 The model is the Fashion-MNIST authors' convnet
 (`keras_cdl.architectures.reference_convnet`, 3.27M weights), quantized with
 `keras_cdl.quantize_model` at 8 and 4 bits (weights and activations).  For each
-bit width it measures, median of `--repeats` runs after one warm-up:
+bit width it measures, median of `--repeats` rounds after one warm-up (every
+measurement runs once per round, in turn, so all see the same load):
 
+  coder alone    tensorflow-compression's range coder by itself on the same
+                 int32 symbols (`create_range_encoder`,
+                 `entropy_encode_channel`, `entropy_encode_finalize`; the
+                 decoder counterparts), tables and input tensors built
+                 beforehand: the yardstick of every ratio
   raw encode     `coding.encode_indices` of every quantized kernel's indices
-                 (table building + tfc range encoder), the indices computed
-                 beforehand
+                 (histogram, table, CRC32, range coder), the indices
+                 computed beforehand
   raw decode     `coding.decode_indices` of those payloads (range decoder and
                  the indices' CRC32)
+  indices        the model's quantizers computing the indices
+                 `clip(round(w / q))` of every kernel (part of compress)
   compress       `keras_cdl.compress(model, path)`: indices from the model's
                  quantizers, tables, range coding, float records, the
                  architecture JSON, CRCs, the atomic file write
-  decompress     `keras_cdl.decompress(path)`: read and validate the file,
-                 rebuild the Keras model from its config, decode, check and
-                 assign every tensor
-  read (no Keras) `compress.read_model_file(path)`: decompress without the
-                 Keras rebuild and assignment
+  read (no Keras) `compress.read_model_file(path)`: read, validate and decode
+                 the file and check every kernel's steps, without Keras
   rebuild        the Keras rebuild alone (`from_config` of the stored
-                 architecture under `quantize_scope`), part of decompress
+                 architecture under `quantize_scope`, variables created as
+                 zeros as decompress creates them): a fixed cost of the
+                 architecture, not of the weights
+  decompress without rebuild  everything `keras_cdl.decompress(path)` does
+                 except the rebuild (`compress._decompress(path, model)`
+                 into an already rebuilt model): read, validate, decode,
+                 check and assign every tensor
+  decompress     `keras_cdl.decompress(path)`: all of the above, the rebuild
+                 overlapped with decoding on a second thread
 
 Throughput is quantized weights per second; the target is compress and
-decompress within 3x of the raw coder's time.  Sizes: the three sizes of
+decompress within 3x of the coder alone's time.  Sizes: the three sizes of
 `keras_cdl.size_report` (coded payload; payload + tables + headers; whole
 file) against float32, int8 and gzip -9 of the int8 indices.
 
@@ -38,6 +51,7 @@ Writes BENCHMARKS.md's `<!-- coding:start -->`...`<!-- coding:end -->` section
 """
 
 import datetime
+import importlib.metadata
 import os
 import statistics
 import subprocess
@@ -51,6 +65,8 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+import tensorflow_compression as tfc
+
 import keras_cdl
 from keras_cdl import architectures
 from keras_cdl import coding
@@ -61,7 +77,7 @@ from keras_cdl import introspect
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_list("bits", ["8", "4"], "Weight (and activation) bit widths.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+flags.DEFINE_integer("repeats", 5, "Timed rounds per measurement (median).")
 flags.DEFINE_integer("train_steps", 0,
                      "If > 0, also measure the 4-bit model after this many "
                      "R-CDL training steps on Fashion-MNIST.")
@@ -76,51 +92,98 @@ flags.DEFINE_string("code_version", None,
 START, END = "<!-- coding:start -->", "<!-- coding:end -->"
 
 
-def _median_time(fn, repeats):
-  fn()  # Warm-up: op and function tracing, caches.
-  times = []
+def _median_times(fns, repeats):
+  """Median seconds of each function in `fns` (a dict), after one warm-up.
+
+  The functions run in turn, once per round, so a change in the shared
+  machine's load hits them all alike and their ratios stay meaningful.
+  """
+  for fn in fns.values():
+    fn()  # Warm-up: op and function tracing, caches.
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    started = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - started)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      started = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - started)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _kernels(model):
-  return [(t.name, t.indices()) for t in introspect.quantized_tensors(model)
+  return [t for t in introspect.quantized_tensors(model)
           if t.kind == "weight"]
+
+
+def _coder_alone(kernels, coded):
+  """Encode and decode functions running only tfc's range coder.
+
+  The inputs the coder needs (its lookup table, the int32 symbols, the
+  payload) are made into tensors once, here, outside the timing.
+  """
+  with tf.device("/cpu:0"):
+    inputs = [(tf.constant(table.lookup),
+               tf.constant(indices.reshape(-1) - np.int32(table.offset)),
+               tf.constant(payload), indices.size)
+              for indices, (payload, table) in zip(kernels, coded)
+              if table.num_levels > 1]
+
+  def encode():
+    with tf.device("/cpu:0"):
+      for lookup, symbols, _, _ in inputs:
+        handle = tfc.create_range_encoder([], lookup)
+        handle = tfc.entropy_encode_channel(handle, symbols)
+        tfc.entropy_encode_finalize(handle).numpy()
+
+  def decode():
+    with tf.device("/cpu:0"):
+      for lookup, _, payload, count in inputs:
+        handle = tfc.create_range_decoder(payload, lookup)
+        handle, symbols = tfc.entropy_decode_channel(handle, [count],
+                                                     tf.int32)
+        tfc.entropy_decode_finalize(handle).numpy()
+        symbols.numpy()
+
+  return encode, decode
 
 
 def measure(label, model, repeats, tmp):
   """Times and sizes of one quantized model."""
-  kernels = _kernels(model)
-  count = sum(i.size for _, i in kernels)
-  coded = [coding.encode_indices(i) for _, i in kernels]
+  tensors = _kernels(model)
+  kernels = [t.indices() for t in tensors]
+  count = sum(i.size for i in kernels)
+  coded = [coding.encode_indices(i) for i in kernels]
+  alone_encode, alone_decode = _coder_alone(kernels, coded)
 
   def raw_encode():
-    for _, indices in kernels:
+    for indices in kernels:
       coding.encode_indices(indices)
 
   def raw_decode():
-    for (_, indices), (payload, table) in zip(kernels, coded):
+    for indices, (payload, table) in zip(kernels, coded):
       coding.decode_indices(payload, table, indices.shape)
 
+  def indices():
+    for t in tensors:
+      t.indices()
+
   path = os.path.join(tmp, f"{label}.cdl")
-  result = {
-      "label": label,
-      "count": count,
-      "raw_encode": _median_time(raw_encode, repeats),
-      "raw_decode": _median_time(raw_decode, repeats),
-      "compress": _median_time(lambda: keras_cdl.compress(model, path),
-                               repeats),
-  }
-  result["read"] = _median_time(
-      lambda: compress_lib.read_model_file(path), repeats)
+  keras_cdl.compress(model, path)
   header = coding.read_container(path)[0]
-  result["rebuild"] = _median_time(
-      lambda: compress_lib._build_model(header["model"]), repeats)  # pylint: disable=protected-access
-  result["decompress"] = _median_time(lambda: keras_cdl.decompress(path),
-                                      repeats)
+  rebuilt = keras_cdl.decompress(path)
+  result = {"label": label, "count": count}
+  result.update(_median_times({
+      "alone_encode": alone_encode,
+      "raw_encode": raw_encode,
+      "indices": indices,
+      "compress": lambda: keras_cdl.compress(model, path),
+      "alone_decode": alone_decode,
+      "raw_decode": raw_decode,
+      "read": lambda: compress_lib.read_model_file(path),
+      "rebuild": lambda: compress_lib._build_model(  # pylint: disable=protected-access
+          header["model"], compress_lib._ZeroInit()),  # pylint: disable=protected-access
+      "restore": lambda: compress_lib._decompress(path, rebuilt),  # pylint: disable=protected-access
+      "decompress": lambda: keras_cdl.decompress(path),
+  }, repeats))
   restored = keras_cdl.decompress(path)
   x = np.random.default_rng(0).uniform(
       0, 1, (8,) + tuple(model.input_shape[1:])).astype(np.float32)
@@ -162,8 +225,28 @@ def _code_version():
   return result.stdout.strip() or "unknown"
 
 
+def _tfc_version():
+  try:
+    return importlib.metadata.version("tensorflow-compression")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
 def _rate(count, seconds):
   return f"{count / seconds / 1e6:.1f}M/s"
+
+
+def _cell(r, key, base=None):
+  """`"<ms> ms (<rate>)"`, plus ` x<ratio>` against `r[base]`."""
+  n, t = r["count"], r[key]
+  cell = f"{t * 1e3:.0f} ms ({_rate(n, t)})"
+  if base:
+    cell += f" x{t / r[base]:.2f}"
+  return cell
+
+
+def _verdict(ratio):
+  return f"x{ratio:.2f}, {'met' if ratio <= 3 else 'missed'}"
 
 
 def markdown(results, command, date, extra):
@@ -171,37 +254,55 @@ def markdown(results, command, date, extra):
       START, "## Coding throughput and sizes (benchmarks/coding.py)", "",
       f"Command: `{command}`  ",
       f"Date: {date}  ",
-      f"Machine: {_machine()}; tensorflow {tf.__version__}  ",
+      f"Machine: {_machine()}; tensorflow {tf.__version__}, "
+      f"tensorflow-compression {_tfc_version()}  ",
       f"Code: {_code_version()}  ",
       "Model: `reference_convnet` (Fashion-MNIST authors' convnet), "
       "`keras_cdl.quantize_model` at the given weight and activation bits, "
       "random (Glorot) initialisation unless marked trained.  Times: median "
-      "of the timed runs after a warm-up; weights/s = quantized weights per "
-      "second.  raw = `coding.encode_indices` / `coding.decode_indices` on "
-      "the same indices (table + range coder; decode checks the CRC32).  "
-      "compress = `keras_cdl.compress` to a file; decompress = "
-      "`keras_cdl.decompress` (validation, Keras rebuild from the config, "
-      "decoding, checks, assignment); read = `compress.read_model_file` "
-      "(decompress without the Keras rebuild); rebuild = the Keras "
-      "`from_config` of the stored architecture alone, which decompress "
-      "overlaps with decoding on a second thread.  exact: decompressed "
-      "outputs bitwise equal to the original's.", "",
-      "| model | weights | raw encode | compress | x raw | raw decode | "
-      "read | rebuild | decompress | x raw | exact |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+      "of the timed rounds after a warm-up, every measurement once per round "
+      "in turn (so they share the load); weights/s = quantized weights per "
+      "second; xN = time over the coder alone's.  coder alone = "
+      "tensorflow-compression's range coder by itself (create, "
+      "`entropy_encode_channel` / `entropy_decode_channel`, finalize) on the "
+      "same symbols, tables and input tensors prepared beforehand.  raw = "
+      "`coding.encode_indices` / `coding.decode_indices` (histogram, table, "
+      "CRC32 of the indices, range coder).  indices = the model's quantizers "
+      "computing every kernel's `clip(round(w / q))` (part of compress).  "
+      "compress = `keras_cdl.compress` to a file.  read = "
+      "`compress.read_model_file` (validate, decode, check steps; no Keras).  "
+      "rebuild = the Keras `from_config` of the stored architecture alone, a "
+      "fixed cost of the architecture (tfmot wrappers traced once), not of "
+      "the weights.  decompress w/o rebuild = `keras_cdl.decompress` into an "
+      "already rebuilt model (read, validate, decode, check, assign).  "
+      "decompress = `keras_cdl.decompress` (rebuild overlapped with "
+      "decoding on a second thread).  exact: decompressed outputs bitwise "
+      "equal to the original's.", "",
+      "Encoding:", "",
+      "| model | weights | coder alone | raw encode | compress | of which "
+      "indices |",
+      "|---|---:|---:|---:|---:|---:|",
   ]
   for r in results:
-    n = r["count"]
     lines.append(
-        f"| {r['label']} | {n:,d} | {r['raw_encode'] * 1e3:.0f} ms "
-        f"({_rate(n, r['raw_encode'])}) | {r['compress'] * 1e3:.0f} ms "
-        f"({_rate(n, r['compress'])}) | "
-        f"{r['compress'] / r['raw_encode']:.2f} | "
-        f"{r['raw_decode'] * 1e3:.0f} ms ({_rate(n, r['raw_decode'])}) | "
-        f"{r['read'] * 1e3:.0f} ms | {r['rebuild'] * 1e3:.0f} ms | "
-        f"{r['decompress'] * 1e3:.0f} ms "
-        f"({_rate(n, r['decompress'])}) | "
-        f"{r['decompress'] / r['raw_decode']:.2f} | {r['exact']} |")
+        f"| {r['label']} | {r['count']:,d} | {_cell(r, 'alone_encode')} | "
+        f"{_cell(r, 'raw_encode', 'alone_encode')} | "
+        f"{_cell(r, 'compress', 'alone_encode')} | "
+        f"{r['indices'] * 1e3:.0f} ms |")
+  lines += [
+      "", "Decoding:", "",
+      "| model | coder alone | raw decode | read (no Keras) | decompress "
+      "w/o rebuild | rebuild | decompress | exact |",
+      "|---|---:|---:|---:|---:|---:|---:|---|",
+  ]
+  for r in results:
+    lines.append(
+        f"| {r['label']} | {_cell(r, 'alone_decode')} | "
+        f"{_cell(r, 'raw_decode', 'alone_decode')} | "
+        f"{_cell(r, 'read', 'alone_decode')} | "
+        f"{_cell(r, 'restore', 'alone_decode')} | "
+        f"{r['rebuild'] * 1e3:.0f} ms | "
+        f"{_cell(r, 'decompress', 'alone_decode')} | {r['exact']} |")
   lines += ["", "Sizes (bytes; H = entropy of the stored indices, bits per "
             "weight):", "",
             "| model | H | coded payload | N H / 8 | payload + tables + "
@@ -219,16 +320,31 @@ def markdown(results, command, date, extra):
         f"{s.float32_bytes / s.file_bytes:.1f} |")
   verdict = []
   for r in results:
-    enc = r["compress"] / r["raw_encode"]
-    dec = r["decompress"] / r["raw_decode"]
-    verdict.append(f"{r['label']}: compress x{enc:.2f} "
-                   f"({'met' if enc <= 3 else 'missed'}), decompress "
-                   f"x{dec:.2f} ({'met' if dec <= 3 else 'missed'})")
-  lines += ["", "Target, compress and decompress within 3x of the raw "
-            "coder: " + "; ".join(verdict) + "."]
+    verdict.append(
+        f"{r['label']}: compress "
+        f"{_verdict(r['compress'] / r['alone_encode'])}; decompress without "
+        f"the rebuild {_verdict(r['restore'] / r['alone_decode'])}; "
+        f"decompress with it {_verdict(r['decompress'] / r['alone_decode'])}")
+  lines += ["", "Target, compress and decompress within 3x of the coder "
+            "alone: " + "; ".join(verdict) + "."]
+  parts = []
+  for r in results:
+    parts.append(
+        f"{r['label']}: rebuild {r['rebuild'] * 1e3:.0f} ms + without it "
+        f"{r['restore'] * 1e3:.0f} ms = "
+        f"{(r['rebuild'] + r['restore']) * 1e3:.0f} ms against "
+        f"{r['decompress'] * 1e3:.0f} ms")
+  lines += ["", "Where decompress's time goes (the rebuild runs beside the "
+            "decoding, which saves time only if a core is free): "
+            + "; ".join(parts) + "."]
   lines += extra
   lines.append(END)
   return "\n".join(lines) + "\n"
+
+
+def _print(result):
+  print({k: (round(v * 1e3, 1) if isinstance(v, float) else v)
+         for k, v in result.items() if k != "report"})
 
 
 def write_section(path, section):
@@ -246,7 +362,7 @@ def main(argv):
         architectures.reference_convnet(), mode="rcdl", weight_bits=bits,
         activation_bits=bits)
     result = measure(f"{bits}-bit, random init", model, FLAGS.repeats, tmp)
-    print({k: v for k, v in result.items() if k != "report"})
+    _print(result)
     results.append(result)
   if FLAGS.train_steps:
     tf.keras.backend.clear_session()
@@ -261,7 +377,7 @@ def main(argv):
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(logs.items())) + ".")
     result = measure(f"4-bit, {FLAGS.train_steps} R-CDL steps", model,
                      FLAGS.repeats, tmp)
-    print({k: v for k, v in result.items() if k != "report"})
+    _print(result)
     results.append(result)
   command = "python " + " ".join(
       [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
