@@ -853,8 +853,11 @@ def decompress(source):
   quantizer's bits, signedness and channel axis).  Tensors are decoded
   meanwhile, on a second thread, up to 2**26 elements in all (bounded by the
   header's shapes); the rest only after that check, each capped at the
-  element count the architecture gives it.  Each quantized kernel is restored as `i * q` and re-quantized by its own
-  quantizer to check it gives back `i`.
+  element count the architecture gives it.  Variables of 1024 elements or
+  more are created as zeros (their initializers would only be overwritten).
+  Each quantized kernel is restored as `i * q`, and its own quantizer
+  re-quantizes every (index, channel) pair of the table's span to check it
+  gives back `i` (the whole kernel, if that fails).
 
   Args:
     source: a `.cdl` path, an open binary file or the bytes.
