@@ -242,7 +242,8 @@ def encode_model(model, *, precision=None):
 
   Returns:
     `(data, header, records, indices)`: the file's bytes, its JSON header,
-    its records and a dict from record name to the stored indices.
+    its records and a dict from record name to the stored indices
+    (read-only int32 arrays, the quantizers' outputs read in place).
 
   Raises:
     ValueError: `model` is not a Functional/Sequential model, has variables
