@@ -34,9 +34,9 @@ out without tfmot:
   `[0, 255 q]` (unsigned, zero point -128; after `minimum(x, hi q)` below 8
   bits) or `[-127 q, 127 q]` (signed, narrow, zero point 0; after a clip to
   `[-hi q, hi q]`, also at 8 bits, since the int8 tensor would hold -128);
-  it calibrates the remaining float tensors (logits, unfolded BatchNorm,
-  `Add`) from `representative_data`.  The converter quantizes kernels with
-  its own `max|w| / 127` scales, so the flatbuffer is then rewritten: every
+  it calibrates the remaining float tensors (unfolded BatchNorm, `Add`,
+  float logits) from `representative_data`.  The converter quantizes kernels
+  with its own `max|w| / 127` scales, so the flatbuffer is then rewritten: every
   CDL kernel's int8 data becomes the CDL indices and its scales the CDL steps
   (per channel, folded when BatchNorm was folded), and its int32 bias is
   re-quantized to `input_scale * step`.  What is exact (checked by
@@ -56,15 +56,19 @@ out without tfmot:
   (`SaturatingRoundingDoublingHighMul`, then `RoundingDivideByPOT` by the
   multiplier's exponent `r`), moving the rounding threshold by up to
   `2^-(r+1)` of a level (1/32 for LeNet5's first conv, whose multiplier
-  `q_x q_w / q_out` is about 0.036).  So about 1-3% of LeNet5's first-layer
-  activation indices differ by one from the CDL model's, and the logits,
-  which CDL leaves float, become int8 at a calibrated scale.  Top-1 agreement
-  with `model(x, training=False)` on 2000 Fashion-MNIST test images: 98.7%
-  for a briefly trained LeNet5-Caffe, 98.6% for a Conv-BN-ReLU model, where
-  rounding the CDL logits alone to the int8 output scale gives 98.85% and
-  98.8% (a LeNet5 trained for a full epoch: 99.35%, logits alone 99.5%).
+  `q_x q_w / q_out` is about 0.036).  So a few percent of the activation
+  indices differ by one from the CDL model's.  The logits are exact in kind:
+  `quantize_model` quantizes a final linear layer's output (`output_bits`,
+  signed 8 bits by default) and its step is the TFLite output scale, so
+  both produce logits on the same int8 grid and break exact ties the same
+  way; 8-20% of the int8 logits still differ by one level because of the
+  arithmetic above.  Top-1 agreement with `model(x, training=False)` on 2000
+  Fashion-MNIST test images (tests/export_test.py): 99.85% for a briefly
+  trained LeNet5-Caffe and 99.35% for a Conv-BN-ReLU model whose logits
+  span only +-2.5 (before the logits were quantized: 98.7% and 98.6%).
   Every disagreement is an image whose top two CDL logits are within one
-  int8 logits step.
+  int8 step.  A model quantized with `output_bits=None` keeps float logits
+  and the converter calibrates their int8 scale from `representative_data`.
 
 `fake_quant_with_min_max_vars` is not used by `inference_model`: with
 `min = 0, max = 255 q` it evaluates `floor(x * (1 / s) + 0.5) * s` with
@@ -102,6 +106,7 @@ __all__ = [
     "quantized_values",
     "export_plan",
     "inference_model",
+    "run_tflite",
     "to_saved_model",
     "to_tflite",
     "IMPLEMENTATIONS",
@@ -797,7 +802,7 @@ def inference_model(model, *, fold_batch_norm=True, values=None):
 
   Kernels are `q * i` (no tfmot wrappers), each CDL activation quantizer is a
   `RoundQuantize` layer, the rest (BatchNorm, pooling, `Add`, `Flatten`,
-  `Dropout`, logits) is copied.  Without BatchNorm folding the outputs are
+  `Dropout`, unquantized logits) is copied.  Without BatchNorm folding the outputs are
   bitwise equal to the CDL model's; a folded BatchNorm changes float rounding
   only (see the module docstring).
 
@@ -835,11 +840,18 @@ def _check_path(path, name, directory_ok):
   return path
 
 
+def _float_layer_name(model, name):
+  """The name of output layer `name` before tfmot wrapped it."""
+  layer = model.get_layer(name)
+  return layer.layer.name if isinstance(layer, _QuantizeWrapper) else name
+
+
 def to_saved_model(model, export_dir, *, fold_batch_norm=True):
   """Saves `inference_model(model)` as a SavedModel with `serving_default`.
 
   The signature takes the model's inputs under their input layer names and
-  returns `{output name: tensor}` (the inference model's output layer names).
+  returns `{output name: tensor}`, named after the float model's output
+  layers (tfmot's `quant_` wrappers unwrapped: `logits`, not `quant_logits`).
 
   Args:
     model: a Functional or Sequential CDL model.
@@ -854,7 +866,7 @@ def to_saved_model(model, export_dir, *, fold_batch_norm=True):
   specs = [tf.TensorSpec([None] + list(t.shape[1:]), t.dtype,
                          name=name)
            for t, name in zip(infer.inputs, infer.input_names)]
-  output_names = list(infer.output_names)
+  output_names = [_float_layer_name(model, name) for name in model.output_names]
 
   @tf.function(input_signature=specs)
   def serve(*inputs):
@@ -1086,7 +1098,8 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
   See the module docstring for what is exact.  The input is quantized with
   the CDL input step: with `io_type="int8"` the model takes the int8 input
   index minus 128 (unsigned input quantizer, zero point -128) or the index
-  (signed) and returns int8 logits at the converter's calibrated scale; with
+  (signed) and returns int8 logits (at the CDL output step when
+  `quantize_model` quantized them, else at a calibrated scale); with
   `io_type="float32"` (the default) it takes and returns float32, and the
   interpreter quantizes the input itself (rounding ties away from zero).
 
@@ -1096,7 +1109,7 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
       None to only return the bytes.
     representative_data: a batch of inputs (an array, or a list of arrays for
       several inputs) or the converter's generator callable; calibrates the
-      tensors CDL leaves in float (logits, unfolded BatchNorm, `Add`).
+      tensors CDL leaves in float (unfolded BatchNorm, `Add`, float logits).
       A few hundred samples are plenty.
     io_type: "float32" or "int8" model input and output.
     fold_batch_norm: fold BatchNorm into the preceding kernel (required for
@@ -1136,3 +1149,46 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
     with open(path, "wb") as f:
       f.write(tflite_bytes)
   return bytes(tflite_bytes)
+
+
+def run_tflite(tflite, x, *, batch_size=1000):
+  """Runs a single-input TFLite model on `x` in batches; returns its output.
+
+  Args:
+    tflite: the flatbuffer (bytes) or the path of a `.tflite` file.
+    x: a NumPy array of inputs in the model's input dtype, batch first.
+    batch_size: images per `invoke`.
+
+  Returns:
+    The concatenated output of the model's first output, as a NumPy array.
+  """
+  if isinstance(batch_size, bool) or not isinstance(
+      batch_size, int) or batch_size < 1:
+    raise ValueError(f"`batch_size` must be a positive integer, but got "
+                     f"{batch_size!r}.")
+  if isinstance(tflite, (bytes, bytearray)):
+    interpreter = tf.lite.Interpreter(model_content=bytes(tflite))
+  else:
+    interpreter = tf.lite.Interpreter(model_path=os.fspath(tflite))
+  x = np.asarray(x)
+  inputs = interpreter.get_input_details()
+  if len(inputs) != 1:
+    raise ValueError(f"run_tflite takes single-input models, but the model "
+                     f"has {len(inputs)} inputs.")
+  index = inputs[0]["index"]
+  if x.dtype != inputs[0]["dtype"]:
+    raise ValueError(f"`x` must have the model's input dtype "
+                     f"{np.dtype(inputs[0]['dtype']).name}, but got "
+                     f"{x.dtype.name}.")
+  outputs, shape = [], None
+  for start in range(0, len(x), batch_size):
+    batch = x[start:start + batch_size]
+    if batch.shape != shape:
+      interpreter.resize_tensor_input(index, batch.shape)
+      interpreter.allocate_tensors()
+      shape = batch.shape
+    interpreter.set_tensor(index, batch)
+    interpreter.invoke()
+    outputs.append(interpreter.get_tensor(
+        interpreter.get_output_details()[0]["index"]).copy())
+  return np.concatenate(outputs)

@@ -124,10 +124,20 @@ def _calibration_outputs(float_model, layer_names, data):
   return {n: np.asarray(v) for n, v in zip(names, values)}
 
 
+def _range_step(values, bits):
+  """Signed step covering a tensor's range: `max|x| / hi`, `hi = 2^(b-1)-1`."""
+  _, hi = ops.index_range(bits, True)
+  step = float(np.max(np.abs(np.asarray(values, dtype=np.float64)))) / hi
+  return np.asarray(step if step > 0 else 1e-3, dtype=np.float32)
+
+
 def initialize_step_sizes(model, float_model=None, calibration_data=None):
   """Sets step sizes from statistics: `q = 2 mean|x| / sqrt(hi)` (LSQ rule).
 
-  Weights use their current values.  Activations and the input use the float
+  Signed layer outputs (the logits `output_bits` quantizes) take the range
+  rule `q = max|x| / hi` instead: a clipped top logit or a coarse grid near
+  the top changes the predicted class, a rare large value does not cost
+  resolution elsewhere.  Weights use their current values.  Activations and the input use the float
   model's outputs on `calibration_data` (one batch is enough); without it
   they keep their current step.
 
@@ -153,7 +163,10 @@ def initialize_step_sizes(model, float_model=None, calibration_data=None):
       key = "<input>" if record.kind == "input" else record.inner_layer.name
       if key not in stats:
         continue
-      step = quantizers.initial_step(stats[key], q.bits, q.signed)
+      if record.kind == "activation" and q.signed:
+        step = _range_step(stats[key], q.bits)
+      else:
+        step = quantizers.initial_step(stats[key], q.bits, q.signed)
     q.set_step(record.variables, step)
 
 
@@ -181,6 +194,23 @@ def _outputs_to_move_past_pooling(model, registry):
   return moved
 
 
+def _linear_output_layers(model):
+  """Names of the layers whose output is a model output, without activation.
+
+  Only those with CDL-quantized weights count (`Dense`, `Conv*`): their
+  output quantizer becomes the int8 output of an exported model.
+  """
+  names = set()
+  for tensor in tf.nest.flatten(model.outputs):
+    layer = tensor._keras_history.layer  # pylint: disable=protected-access
+    activation = getattr(layer, "activation", None)
+    if (scheme_lib.weight_attrs_of(layer) is not None and
+        activation is not None and
+        scheme_lib.activation_name(activation) == "linear"):
+      names.add(layer.name)
+  return names
+
+
 def _is_graph_model(model):
   return isinstance(model, tf.keras.Sequential) or getattr(
       model, "_is_graph_network", False)
@@ -197,7 +227,8 @@ def _float_layers_ok():
 def quantize_model(model, mode="cdl", weight_bits=8, activation_bits=8,
                    lmbda=0.0, gamma=0.0, *, hardness="kappa", kappa=4.0,
                    window=3, per_channel=False, rate="entropy",
-                   quantize_input=True, calibration_data=None, strict=False):
+                   quantize_input=True, output_bits=8, calibration_data=None,
+                   strict=False):
   """Returns a CDL-quantized copy of a Sequential or Functional Keras model.
 
   Args:
@@ -219,6 +250,12 @@ def quantize_model(model, mode="cdl", weight_bits=8, activation_bits=8,
     quantize_input: also quantize the model input (8 bits when
       `activation_bits` is None), unsigned if `calibration_data` is
       non-negative, else signed.
+    output_bits: bits of the model's linear outputs (the logits of a final
+      `Dense`/`Conv` without activation), signed and rate-free, 2 to 8; None
+      leaves them float.  As in tfmot's default scheme, quantizing them makes
+      `model(x, training=False)` compute the int8 logits an integer
+      deployment computes (`keras_cdl.export.to_tflite` uses this step as
+      the output scale), so both take the same top-1 even on near ties.
     calibration_data: a batch of inputs for the activation step sizes.
     strict: raise instead of warning on a layer with weights that CDL does
       not support.
@@ -244,6 +281,8 @@ def quantize_model(model, mode="cdl", weight_bits=8, activation_bits=8,
   ops.validate_bits(weight_bits, "weight_bits")
   if activation_bits is not None:
     ops.validate_bits(activation_bits, "activation_bits")
+  if output_bits is not None:
+    ops.validate_bits(output_bits, "output_bits")
   lmbda = _check_number("lmbda", lmbda)
   gamma = _check_number("gamma", gamma)
   if rate not in rate_lib.RATES:
@@ -269,6 +308,11 @@ def quantize_model(model, mode="cdl", weight_bits=8, activation_bits=8,
   registry = scheme.get_quantize_registry()
 
   moved = _outputs_to_move_past_pooling(model, registry)
+  output_quantizer = None
+  if output_bits is not None:
+    output_quantizer = quantizers.CDLActivationQuantizer(
+        bits=output_bits, signed=True, rate=None, **common)
+  linear_outputs = _linear_output_layers(model)
 
   def annotate(layer):
     if isinstance(layer, quantize_annotate_mod.QuantizeAnnotate):
@@ -282,6 +326,11 @@ def quantize_model(model, mode="cdl", weight_bits=8, activation_bits=8,
     elif layer.name in moved.values():
       config = configs.CDLQuantizeConfig(
           [], None, copy.deepcopy(activation_quantizer))
+    elif (config is not None and output_quantizer is not None and
+          layer.name in linear_outputs and config.output_quantizer is None):
+      config = configs.CDLQuantizeConfig(
+          config.weight_attrs, config.weight_quantizer,
+          copy.deepcopy(output_quantizer))
     if config is not None:
       return _QuantizeAnnotate(layer, config)
     if _has_weights(layer) and not isinstance(layer, _float_layers_ok()):

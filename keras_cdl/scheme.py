@@ -9,7 +9,9 @@ fused activation is ReLU or ReLU6; `ReLU` layers (plain or with max 6) and
 input gets a `QuantizeLayer` with a rate-free activation quantizer.
 
 Left in float: `BatchNormalization`, pooling, `Add`/`Concatenate`, reshapes,
-`Dropout`, and any output that is not a ReLU (in particular the final logits).
+`Dropout`, and any output that is not a ReLU.  (`quantize_model` adds a signed
+8-bit output quantizer to a final `Dense`/`Conv` without activation: the
+logits; see its `output_bits`.)
 (`quantize_model` moves the quantizer of a ReLU output that only feeds a max
 pooling layer to the pooling's output: the same values, on a smaller tensor.)
 """
@@ -34,6 +36,7 @@ __all__ = [
     "CDLQuantizeScheme",
     "weight_attrs_of",
     "quantizes_output",
+    "activation_name",
 ]
 
 _KERNEL_LAYERS = (tf.keras.layers.Dense, tf.keras.layers.Conv1D,
@@ -52,7 +55,8 @@ def weight_attrs_of(layer):
   return None
 
 
-def _activation_name(activation):
+def activation_name(activation):
+  """The serialized name of a Keras activation function, or None."""
   try:
     return tf.keras.activations.serialize(activation)
   except ValueError:
@@ -68,7 +72,7 @@ def quantizes_output(layer):
   activation = getattr(layer, "activation", None)
   if activation is None:
     return False
-  return _activation_name(activation) in _RELU_NAMES
+  return activation_name(activation) in _RELU_NAMES
 
 
 class CDLQuantizeRegistry(quantize_registry.QuantizeRegistry):

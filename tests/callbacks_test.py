@@ -73,8 +73,8 @@ class KappaScheduleTest(tf.test.TestCase, parameterized.TestCase):
     expected = [1.0, 3.0, 9.0, 27.0]
     self.assertLen(probe.seen, 4)
     for epoch, seen in enumerate(probe.seen):
-      # Weights, ReLU output and the input quantizer alike.
-      self.assertLen(seen, 4)
+      # Weights, ReLU output, logits and the input quantizer alike.
+      self.assertLen(seen, 5)
       for name, kappa in seen.items():
         self.assertAllClose(kappa, expected[epoch], rtol=1e-6,
                             msg=f"{name} epoch {epoch}")

@@ -71,6 +71,9 @@ class RateMetricsTest(tf.test.TestCase, parameterized.TestCase):
       value = float(record.variables["rate_weight"].numpy())
       if record.kind == "weight":
         self.assertAllClose(value, 0.3 / n_weights, rtol=1e-6)
+      elif record.kind == "activation" and record.quantizer.rate is None:
+        self.assertEqual(record.name, "quant_logits/output")
+        self.assertEqual(value, 0.0)  # The logits carry no rate.
       elif record.kind == "activation":
         self.assertAllClose(value, 0.02 / n_activations, rtol=1e-6)
       seen.add(record.kind)

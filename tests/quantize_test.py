@@ -18,6 +18,7 @@ from tensorflow_model_optimization.python.core.quantization.keras import quantiz
 
 import keras_cdl
 from keras_cdl import introspect
+from keras_cdl import model as model_lib
 from keras_cdl import quantizers
 
 L = tf.keras.layers
@@ -88,7 +89,7 @@ class SequentialTest(tf.test.TestCase):
     records = by_name(qmodel)
     self.assertEqual(set(records), {
         "quantize_layer/input", "quant_d1/kernel", "quant_d1/output",
-        "quant_d2/kernel"})
+        "quant_d2/kernel", "quant_d2/output"})
     self.assertEqual(records["quant_d1/kernel"].quantizer.bits, 4)
     self.assertEqual(records["quant_d1/output"].quantizer.bits, 3)
     self.assertIsInstance(records["quant_d2/kernel"].quantizer,
@@ -104,8 +105,43 @@ class SequentialTest(tf.test.TestCase):
     records = by_name(qmodel)
     self.assertEqual(
         set(records),
-        {"quantize_layer/input", "quant_d1/kernel", "quant_d2/kernel"})
+        {"quantize_layer/input", "quant_d1/kernel", "quant_d2/kernel",
+         "quant_d2/output"})
     self.assertEqual(records["quantize_layer/input"].quantizer.bits, 8)
+
+  def test_output_bits(self):
+    records = by_name(keras_cdl.quantize_model(
+        sequential_model(), weight_bits=4, activation_bits=3, output_bits=6))
+    logits = records["quant_d2/output"].quantizer
+    self.assertIsInstance(logits, quantizers.CDLActivationQuantizer)
+    self.assertEqual((logits.bits, logits.signed, logits.rate),
+                     (6, True, None))
+    self.assertEqual(logits.mode, "cdl")
+    records = by_name(keras_cdl.quantize_model(
+        sequential_model(), weight_bits=4, activation_bits=3,
+        output_bits=None))
+    self.assertNotIn("quant_d2/output", records)
+
+  def test_only_linear_outputs_of_quantized_layers_get_an_output_quantizer(
+      self):
+    inputs = tf.keras.Input((6,))
+    h = L.Dense(5, activation="relu", name="d1")(inputs)
+    probabilities = L.Dense(3, activation="softmax", name="soft")(h)
+    logits = L.Dense(3, name="lin")(h)
+    through_bn = L.BatchNormalization(name="bn")(L.Dense(3, name="d3")(h))
+    model = tf.keras.Model(inputs, [probabilities, logits, through_bn])
+    records = by_name(keras_cdl.quantize_model(model, weight_bits=4,
+                                               activation_bits=4))
+    self.assertIn("quant_lin/output", records)
+    for name in ("quant_soft/output", "quant_d3/output", "quant_bn/output"):
+      self.assertNotIn(name, records)
+    # The rate metrics leave the logits out.
+    qmodel = keras_cdl.quantize_model(sequential_model(), lmbda=1.0,
+                                      gamma=1.0)
+    activation_records = [
+        r.name for r, _ in model_lib.rate_bits(qmodel)[
+            "bits_per_activation"]]
+    self.assertEqual(activation_records, ["quant_d1/output"])
 
   def test_annotated_layer_keeps_its_config(self):
     inputs = tf.keras.Input((6,))
@@ -142,7 +178,8 @@ class FunctionalTest(tf.test.TestCase):
         "quant_r/output",
         "quant_c3/kernel",
         "quant_pool2/output",                   # c3's ReLU, moved past pool2.
-        "quant_logits/kernel",                  # logits: not output-quantized.
+        "quant_logits/kernel",
+        "quant_logits/output",                  # signed 8 bits, no rate.
     ])
     for name in ("c1", "c2", "c3", "logits"):
       record = records[f"quant_{name}/kernel"]
@@ -171,8 +208,10 @@ class FunctionalTest(tf.test.TestCase):
     self.assertIsInstance(qmodel.get_layer("bn"), L.BatchNormalization)
     self.assertAllEqual(qmodel.get_layer("bn").moving_variance,
                         model.get_layer("bn").moving_variance)
-    # The logits are a wrapper without output quantizers.
-    self.assertEmpty(qmodel.get_layer("quant_logits")._output_quantizers)  # pylint: disable=protected-access
+    # The logits: signed 8 bits (whatever activation_bits is), no rate.
+    logits = records["quant_logits/output"].quantizer
+    self.assertEqual((logits.bits, logits.signed, logits.rate),
+                     (8, True, None))
 
   def test_per_channel_kernel_steps(self):
     model = residual_model()
@@ -246,6 +285,7 @@ class ArgumentErrorTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(
       ("weight_bits", dict(weight_bits=1), "weight_bits", "1"),
       ("activation_bits", dict(activation_bits=9), "activation_bits", "9"),
+      ("output_bits", dict(output_bits=1), "output_bits", "1"),
       ("lmbda", dict(lmbda=-1), "lmbda", "-1"),
       ("gamma_nan", dict(gamma=float("nan")), "gamma", "nan"),
       ("gamma_string", dict(gamma="0.1"), "gamma", "'0.1'"),
@@ -289,6 +329,10 @@ class TrainedFloatModelTest(tf.test.TestCase):
       self.assertNotAllClose(records[record_name].step, 0.05)  # The default.
     self.assertAllClose(records["quantize_layer/input"].step,
                         lsq(self.calibration, 3, False), rtol=1e-5)
+    # Logits: the range rule max|x| / 127, so no calibration logit clips.
+    logits = self.model(self.calibration, training=False).numpy()
+    self.assertAllClose(records["quant_logits/output"].step,
+                        np.abs(logits).max() / 127, rtol=1e-5)
 
   def test_weights_are_copied_from_the_float_model(self):
     qmodel = keras_cdl.quantize_model(self.model, weight_bits=4,

@@ -73,7 +73,7 @@ class ReportTest(tf.test.TestCase):
     by_name = {t.name: t for t in rep.tensors}
     self.assertEqual(list(by_name), [
         "quantize_layer/input", "quant_d1/kernel", "quant_relu/output",
-        "quant_d2/kernel"])
+        "quant_d2/kernel", "quant_d2/output"])
 
     h1 = np_entropy(np_indices(KERNEL_1, STEP, -3, 3), -3, 3)
     h2 = np_entropy(np_indices(KERNEL_2, STEP, -3, 3), -3, 3)
@@ -87,6 +87,7 @@ class ReportTest(tf.test.TestCase):
     self.assertAllClose(by_name["quant_d1/kernel"].step, STEP, rtol=1e-6)
     self.assertAllClose(by_name["quant_d1/kernel"].kappa, 4.0)
     self.assertTrue(math.isnan(by_name["quant_relu/output"].entropy))
+    self.assertEqual(by_name["quant_d2/output"].bits, 8)  # The logits.
 
     self.assertEqual(rep.quantized_parameters, 20)
     self.assertAllClose(rep.bits_per_weight, (12 * h1 + 8 * h2) / 20)
@@ -113,7 +114,7 @@ class SummaryTest(tf.test.TestCase):
     lines = []
     rep = summary.summary(qmodel, print_fn=lines.append)
     names = [r.name for r in introspect.quantized_tensors(qmodel)]
-    self.assertLen(names, 4)
+    self.assertLen(names, 5)
     for name in names:
       matching = [line for line in lines if line.split()[:1] == [name]]
       self.assertLen(matching, 1, name)
@@ -125,7 +126,7 @@ class SummaryTest(tf.test.TestCase):
     self.assertIn(f"{rep.bits_per_weight:.3f} bits/weight", "\n".join(lines))
     self.assertIn("float parameters: 22", "\n".join(lines))
     # The tensor table, two rules, header and two totals lines.
-    self.assertLen(lines, 4 + 5)
+    self.assertLen(lines, 5 + 5)
     again = summary.report(qmodel)
     self.assertEqual(rep.bits_per_weight, again.bits_per_weight)
     self.assertEqual(rep.estimated_bytes, again.estimated_bytes)
