@@ -118,6 +118,11 @@ def main(argv):
         restored.predict(x_test, batch_size=1000, verbose=0))
     export_lib.to_tflite(restored, tflite_path, x_train[:256])
     tflite_bytes = os.path.getsize(tflite_path)
+    cdl_top1 = np.argmax(
+        qmodel.predict(x_test, batch_size=1000, verbose=0), -1)
+    tflite_top1 = np.argmax(export_lib.run_tflite(tflite_path, x_test), -1)
+    tflite_accuracy = float(np.mean(tflite_top1 == y_test))
+    agreement = float(np.mean(tflite_top1 == cdl_top1))
     results.update({
         "cdl_file_bytes": sizes.file_bytes,
         "cdl_coded_payload_bytes": sizes.coded_payload_bytes,
@@ -125,6 +130,8 @@ def main(argv):
         "int8_bytes": sizes.int8_bytes,
         "gzip_int8_bytes": sizes.gzip_int8_bytes,
         "tflite_int8_bytes": tflite_bytes,
+        "tflite_test_accuracy": tflite_accuracy,
+        "tflite_top1_agreement": agreement,
         "decompressed_outputs_equal": exact,
     })
     print(f"stored: {cdl_path} {sizes.file_bytes:,d} B "
@@ -134,6 +141,9 @@ def main(argv):
           f"x{sizes.float32_bytes / sizes.file_bytes:.1f} smaller than "
           f"float32 and x{tflite_bytes / sizes.file_bytes:.1f} smaller than "
           f"the int8 TFLite; decompressed outputs bitwise equal: {exact}")
+    print(f"TFLite int8 test accuracy: {tflite_accuracy:.4f}; top-1 "
+          f"agreement with keras_cdl inference on {len(x_test)} test "
+          f"images: {agreement:.4f}")
   results["seconds"] = time.time() - started
   with keras_cdl.quantize_scope():
     model.save(os.path.join(FLAGS.output_dir, "model"))
