@@ -145,7 +145,9 @@ flags.DEFINE_string("notes", None,
 flags.DEFINE_list("merge", [],
                   "With --replot: results.json files whose architectures are "
                   "merged (in order) into --output_dir's results.json first, "
-                  "e.g. from architectures run as separate processes.")
+                  "e.g. from architectures or extra sweep points run as "
+                  "separate processes (their rows replace rows with the same "
+                  "label, their float rows are dropped).")
 flags.DEFINE_bool("replot", False,
                   "Only rewrite the markdown and plot from results.json.")
 
@@ -735,11 +737,13 @@ def main(argv):
         if arch not in results["archs"]:
           results["archs"][arch] = entry
           continue
-        # Rows of a method in `other` replace that method's rows here.
+        # Rows of `other` (but its float reference) replace rows with the
+        # same label here and add the others.
         mine = results["archs"][arch]
-        methods = {r["method"] for r in entry["rows"]} - {"float"}
-        mine["rows"] = [r for r in mine["rows"] if r["method"] not in methods]
-        mine["rows"] += [r for r in entry["rows"] if r["method"] in methods]
+        rows = [r for r in entry["rows"] if r["method"] != "float"]
+        labels = {r["label"] for r in rows}
+        mine["rows"] = [r for r in mine["rows"] if r["label"] not in labels]
+        mine["rows"] += rows
         if entry.get("step_s"):
           mine["step_s"] = entry["step_s"]
       results["command"] += " ; " + other["command"]
