@@ -52,6 +52,7 @@ __all__ = [
     "quantize",
     "marginal_pmf",
     "marginal_entropy",
+    "quantize_with_entropy",
     "MODES",
 ]
 
@@ -221,48 +222,98 @@ def full_cpmf(x, q, alpha, lo, hi):
   return tf.nn.softmax(-kappa * tf.square(u - levels), axis=-1)
 
 
-def _soft_moments(x, q, alpha, lo, hi, window):
-  """Window moments shared by Q_d's value and its analytic gradient."""
+def _window_cpmf(x, q, alpha, lo, hi, window):
+  """(start, [p_0, ..., p_{w-1}]): the window and its CPMF, for the forwards."""
+  u = x / q
+  start, window = _window_start(u, lo, hi, window)
+  probs, _ = _window_probabilities(u, alpha * q * q, start, window)
+  return start, probs
+
+
+def _window_moments(x, q, alpha, lo, hi, window, logs=None):
+  """Central moments of the window CPMF, from unnormalised sums.
+
+  Offsets are taken from the window's nearest level `c = start + ref`:
+  `d = j - ref`, `s = u - c`, so `i = c + d` and `u - i = s - d`.  The
+  weights `e_d = exp(-kappa d (d - 2 s))` (`e_0 = 1`, all <= 1) are summed
+  once into `S = sum e`, `sum e d`, `sum e d^2`, `sum e d^3` and, with
+  `logs` (the per-level values `L_j`, shifted by `L_ref`), `sum e L`,
+  `sum e d L`, `sum e d^2 L`; each exp is evaluated once and used only inside
+  these sums.  Returns a dict with `kappa`, `c`, `s`, `m1 = E[d]`,
+  `var = Var[d]`, `c3 = Cov[d, d^2]` and, with `logs`, `cov_dl = Cov[d, L]`
+  and `cov_d2l = Cov[d^2, L]`.  Central moments of `d` equal those of `j`
+  (and of `i`); with `|s| <= 1/2` inside the range, `m1`, `var` and `c3` are
+  O(1) differences of O(1) terms, so no cancellation beyond float rounding.
+  """
   u = x / q
   kappa = alpha * q * q
   start, window = _window_start(u, lo, hi, window)
-  probs, r = _window_probabilities(u, kappa, start, window)
-  mean_j = probs[1] if window > 1 else tf.zeros_like(u)
-  for j in range(2, window):
-    mean_j = mean_j + j * probs[j]
-  return u, kappa, start, probs, r, mean_j
+  r = u - start
+  ref = tf.clip_by_value(tf.round(r), 0.0, window - 1.0)
+  s = r - ref
+  sums = None
+  log_ref = None
+  if logs is not None:
+    # L_ref, selected without a gather: sum_j [j == ref] L_j.
+    log_ref = tf.zeros_like(r)
+    for j in range(window):
+      log_ref += tf.where(ref == j, logs[j], tf.zeros_like(r))
+  for j in range(window):
+    d = j - ref
+    e = tf.exp(tf.minimum(kappa * (d * (2.0 * s - d)), 0.0))
+    ed = e * d
+    ed2 = ed * d
+    terms = [e, ed, ed2, ed2 * d]
+    if logs is not None:
+      log = logs[j] - log_ref
+      terms += [e * log, ed * log, ed2 * log]
+    sums = terms if sums is None else [t + v for t, v in zip(sums, terms)]
+  inv = 1.0 / sums[0]
+  m1, m2, m3 = sums[1] * inv, sums[2] * inv, sums[3] * inv
+  out = dict(kappa=kappa, c=start + ref, s=s, m1=m1, var=m2 - m1 * m1,
+             c3=m3 - m1 * m2)
+  if logs is not None:
+    mean_l = sums[4] * inv
+    out["cov_dl"] = sums[5] * inv - m1 * mean_l
+    out["cov_d2l"] = sums[6] * inv - m2 * mean_l
+  return out
+
+
+def _soft_gradient_terms(mom, q):
+  """(dQ_d/dtheta, dQ_d/dq, dQ_d/dalpha) per element from `_window_moments`.
+
+  With `a = i q`, `i = c + d`, `u - i = s - d` (see `_window_moments`):
+  ```
+  dQ_d/dtheta = 2 alpha Var[a]            = 2 kappa Var[d]
+  dQ_d/dalpha = -Cov[a, (theta - a)^2]    = -q^3 (Cov[d, d^2] - 2 s Var[d])
+  dQ_d/dq     = E[i] + 2 alpha q Cov[i, i (theta - i q)]
+              = c + E[d] + 2 kappa ((s - c) Var[d] - Cov[d, d^2])
+  ```
+  """
+  kappa, c, s, var, c3 = (mom[k] for k in ("kappa", "c", "s", "var", "c3"))
+  d_theta = 2.0 * kappa * var
+  d_alpha = -(q * q * q) * (c3 - 2.0 * s * var)
+  d_q = c + mom["m1"] + 2.0 * kappa * ((s - c) * var - c3)
+  return d_theta, d_q, d_alpha
+
+
+def _entropy_gradient_terms(mom, q):
+  """Per-element `-Cov[.., L]` factors of dH (see `marginal_entropy`),
+  before the `1 / N` scale: (d/dtheta, d/dq, d/dalpha)."""
+  kappa, c, s = mom["kappa"], mom["c"], mom["s"]
+  cov_dl, cov_d2l = mom["cov_dl"], mom["cov_d2l"]
+  two_kappa_over_q = 2.0 * kappa / q
+  # Cov[i (u - i), L] = (s - c) Cov[d, L] - Cov[d^2, L];
+  # Cov[(u - i)^2, L] = Cov[d^2, L] - 2 s Cov[d, L].
+  d_theta = -two_kappa_over_q * cov_dl
+  d_q = -two_kappa_over_q * ((s - c) * cov_dl - cov_d2l)
+  d_alpha = q * q * (cov_d2l - 2.0 * s * cov_dl)
+  return d_theta, d_q, d_alpha
 
 
 def _soft_gradients(x, q, alpha, lo, hi, window):
-  """(dQ_d/dtheta, dQ_d/dq, dQ_d/dalpha) per element, from the window.
-
-  With `a = i q`, `i = start + j` and `r = u - start`:
-  ```
-  dQ_d/dtheta = 2 alpha Var[a]            = 2 kappa Var[j]
-  dQ_d/dalpha = -Cov[a, (theta - a)^2]    = -q^3 (Cov[j, j^2] - 2 r Var[j])
-  dQ_d/dq     = E[i] + 2 alpha q Cov[i, i (theta - i q)]
-              = E[i] + 2 kappa Cov[j, (start + j)(r - j)]
-  ```
-  """
-  _, kappa, start, probs, r, mean_j = _soft_moments(x, q, alpha, lo, hi,
-                                                    window)
-  var_j = tf.zeros_like(r)
-  cov_j_jsq = tf.zeros_like(r)
-  cov_j_q = tf.zeros_like(r)
-  mean_jsq = tf.zeros_like(r)
-  mean_g = tf.zeros_like(r)
-  for j, p in enumerate(probs):
-    mean_jsq += p * (j * j)
-    mean_g += p * ((start + j) * (r - j))
-  for j, p in enumerate(probs):
-    dj = j - mean_j
-    var_j += p * dj * dj
-    cov_j_jsq += p * dj * (j * j - mean_jsq)
-    cov_j_q += p * dj * ((start + j) * (r - j) - mean_g)
-  d_theta = 2.0 * kappa * var_j
-  d_alpha = -(q * q * q) * (cov_j_jsq - 2.0 * r * var_j)
-  d_q = start + mean_j + 2.0 * kappa * cov_j_q
-  return d_theta, d_q, d_alpha
+  """(dQ_d/dtheta, dQ_d/dq, dQ_d/dalpha) per element, from the window."""
+  return _soft_gradient_terms(_window_moments(x, q, alpha, lo, hi, window), q)
 
 
 # The element-wise chains below run as XLA clusters (one fused loop instead
@@ -271,21 +322,34 @@ def _soft_gradients(x, q, alpha, lo, hi, window):
 # constants, so each (shape, lo, hi, window) compiles once.
 
 
-@tf.function(jit_compile=True)
-def _soft_forward(x, q, alpha, lo, hi, window):
-  _, _, start, _, _, mean_j = _soft_moments(x, q, alpha, lo, hi, window)
-  return q * (start + mean_j)
+def _soft_index(start, probs):
+  """`E[i] = start + sum_j j p_j`."""
+  mean_j = probs[1] if len(probs) > 1 else tf.zeros_like(start)
+  for j in range(2, len(probs)):
+    mean_j = mean_j + j * probs[j]
+  return start + mean_j
 
 
-@tf.function(jit_compile=True)
-def _sample_forward(x, q, alpha, uniform, lo, hi, window):
-  _, _, start, probs, _, _ = _soft_moments(x, q, alpha, lo, hi, window)
+def _sample_index(start, probs, uniform):
+  """The inverse-CDF index `start + #{j < w - 1 : U > p_0 + ... + p_j}`."""
   index = start
   cumulative = tf.zeros_like(start)
   for p in probs[:-1]:
     cumulative += p
-    index += tf.cast(uniform > cumulative, x.dtype)
-  return q * index
+    index += tf.cast(uniform > cumulative, start.dtype)
+  return index
+
+
+@tf.function(jit_compile=True)
+def _soft_forward(x, q, alpha, lo, hi, window):
+  start, probs = _window_cpmf(x, q, alpha, lo, hi, window)
+  return q * _soft_index(start, probs)
+
+
+@tf.function(jit_compile=True)
+def _sample_forward(x, q, alpha, uniform, lo, hi, window):
+  start, probs = _window_cpmf(x, q, alpha, lo, hi, window)
+  return q * _sample_index(start, probs, uniform)
 
 
 @tf.function(jit_compile=True)
@@ -460,59 +524,62 @@ def _histogram(probs, bins, num_segments):
   return total
 
 
-@tf.function(jit_compile=True)
-def _marginal_pmf(x, q, alpha, lo, hi, window, per_sample):
-  probs, bins, num_segments, num_levels, _, _, _ = _window_bins(
-      x, q, alpha, lo, hi, window, per_sample)
-  sums = _histogram(probs, bins, num_segments)
+def _pmf_from_sums(sums, per_sample, num_levels):
   if per_sample:
     sums = tf.reshape(sums, [-1, num_levels])
   return sums / tf.reduce_sum(sums, axis=-1, keepdims=True)
 
 
-@tf.function(jit_compile=True)
-def _entropy_forward(x, q, alpha, lo, hi, window, per_sample):
-  """Returns (H, log2 Pbar flattened) ."""
-  pmf = _marginal_pmf(x, q, alpha, lo, hi, window, per_sample)
+def _entropy_from_pmf(pmf):
+  """Returns (H, log2 Pbar flattened)."""
   log2_pmf = tf.math.log(tf.maximum(pmf, tf.constant(1e-30, pmf.dtype))) / _LN2
   entropy = -tf.reduce_sum(tf.math.multiply_no_nan(log2_pmf, pmf), axis=-1)
   return entropy, tf.reshape(log2_pmf, [-1])
 
 
 @tf.function(jit_compile=True)
-def _entropy_backward(dy, x, q, alpha, log2_pmf, lo, hi, window, per_sample):
-  """Analytic gradient of H (see `marginal_entropy`)."""
-  probs, bins, _, _, kappa, start, r = _window_bins(x, q, alpha, lo, hi,
-                                                    window, per_sample)
-  logs = [tf.gather(log2_pmf, b) for b in bins]
-  mean_l = probs[0] * logs[0]
-  mean_j = tf.zeros_like(r)
-  mean_g = probs[0] * (start * r)
-  mean_s = probs[0] * (r * r)
-  for j in range(1, len(probs)):
-    mean_l += probs[j] * logs[j]
-    mean_j += probs[j] * j
-    mean_g += probs[j] * ((start + j) * (r - j))
-    mean_s += probs[j] * ((r - j) * (r - j))
-  cov_jl = tf.zeros_like(r)
-  cov_gl = tf.zeros_like(r)
-  cov_sl = tf.zeros_like(r)
-  for j, (p, log) in enumerate(zip(probs, logs)):
-    dl = p * (log - mean_l)
-    cov_jl += dl * (j - mean_j)
-    cov_gl += dl * ((start + j) * (r - j) - mean_g)
-    cov_sl += dl * ((r - j) * (r - j) - mean_s)
+def _marginal_pmf(x, q, alpha, lo, hi, window, per_sample):
+  probs, bins, num_segments, num_levels, _, _, _ = _window_bins(
+      x, q, alpha, lo, hi, window, per_sample)
+  return _pmf_from_sums(_histogram(probs, bins, num_segments), per_sample,
+                        num_levels)
+
+
+@tf.function(jit_compile=True)
+def _entropy_forward(x, q, alpha, lo, hi, window, per_sample):
+  """Returns (H, log2 Pbar flattened)."""
+  return _entropy_from_pmf(
+      _marginal_pmf(x, q, alpha, lo, hi, window, per_sample))
+
+
+def _per_element_scale(dy, x, per_sample):
+  """`dy / N` broadcast per element (per sample: `dy[b] / N_sample`)."""
   if per_sample:
     count = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
-    scale = tf.reshape(dy, [-1] + [1] * (x.shape.rank - 1)) / count
-  else:
-    scale = dy / tf.cast(tf.size(x), x.dtype)
-  two_kappa_over_q = 2.0 * kappa / q
-  d_theta = -two_kappa_over_q * cov_jl * scale
-  d_q = -two_kappa_over_q * cov_gl * scale
-  d_alpha = q * q * cov_sl * scale
-  return (d_theta, _unbroadcast(d_q, tf.shape(q)),
-          _unbroadcast(d_alpha, tf.shape(alpha)))
+    return tf.reshape(dy, [-1] + [1] * (x.shape.rank - 1)) / count
+  return dy / tf.cast(tf.size(x), x.dtype)
+
+
+def _window_logs(x, q, log2_pmf, lo, hi, window, per_sample):
+  """`log2 Pbar` at each element's window levels: a list of `window` tensors."""
+  start, window = _window_start(x / q, lo, hi, window)
+  base = tf.cast(start, tf.int32) - lo
+  if per_sample:
+    rows = tf.reshape(tf.range(tf.shape(x)[0]),
+                      [-1] + [1] * (x.shape.rank - 1))
+    base = base + rows * (hi - lo + 1)
+  return [tf.gather(log2_pmf, base + j) for j in range(window)]
+
+
+@tf.function(jit_compile=True)
+def _entropy_backward(dy, x, q, alpha, log2_pmf, lo, hi, window, per_sample):
+  """Analytic gradient of H (see `marginal_entropy`)."""
+  logs = _window_logs(x, q, log2_pmf, lo, hi, window, per_sample)
+  mom = _window_moments(x, q, alpha, lo, hi, window, logs)
+  scale = _per_element_scale(dy, x, per_sample)
+  d_theta, d_q, d_alpha = _entropy_gradient_terms(mom, q)
+  return (d_theta * scale, _unbroadcast(d_q * scale, tf.shape(q)),
+          _unbroadcast(d_alpha * scale, tf.shape(alpha)))
 
 
 def marginal_pmf(x, q, alpha, lo, hi, window, per_sample=False):
@@ -567,3 +634,78 @@ def marginal_entropy(x, q, alpha, lo, hi, window, per_sample=False):
     return entropy, grad
 
   return tf.cast(_op(x, q, alpha), dtype)
+
+
+@tf.function(jit_compile=True)
+def _fused_forward(x, q, alpha, uniform, lo, hi, window, per_sample):
+  """Q_d (uniform None) or Q_p, and (H, log2 Pbar), from one window."""
+  probs, bins, num_segments, num_levels, _, start, _ = _window_bins(
+      x, q, alpha, lo, hi, window, per_sample)
+  if uniform is None:
+    value = q * _soft_index(start, probs)
+  else:
+    value = q * _sample_index(start, probs, uniform)
+  entropy, log2_pmf = _entropy_from_pmf(_pmf_from_sums(
+      _histogram(probs, bins, num_segments), per_sample, num_levels))
+  return value, entropy, log2_pmf
+
+
+@tf.function(jit_compile=True)
+def _fused_backward(dy, dh, x, q, alpha, log2_pmf, lo, hi, window,
+                    per_sample):
+  """Per-element gradients of `dy . Q_d + dh . H`; dq and dalpha unsummed."""
+  logs = _window_logs(x, q, log2_pmf, lo, hi, window, per_sample)
+  mom = _window_moments(x, q, alpha, lo, hi, window, logs)
+  q_theta, q_q, q_alpha = _soft_gradient_terms(mom, q)
+  h_theta, h_q, h_alpha = _entropy_gradient_terms(mom, q)
+  scale = _per_element_scale(dh, x, per_sample)
+  return (dy * q_theta + scale * h_theta, dy * q_q + scale * h_q,
+          dy * q_alpha + scale * h_alpha)
+
+
+def quantize_with_entropy(x, q, alpha, lo, hi, window, mode,
+                          per_sample=False, uniform=None, seed=None):
+  """Training-mode `quantize` and `marginal_entropy` of one tensor, fused.
+
+  Equal (up to float rounding) to
+  `(quantize(x, q, alpha, lo, hi, window, mode, training=True, uniform,
+  seed), marginal_entropy(x, q, alpha, lo, hi, window, per_sample))`, with
+  the same analytic gradients, but the window CPMF is evaluated once in the
+  forward pass (for the value and the histogram) and once in the backward
+  pass (for both gradients), instead of twice each, and dq and dalpha are
+  reduced once.
+
+  Returns:
+    `(value, entropy)`: the quantized tensor (dtype of `x`) and H (a scalar,
+    or `[batch]` with `per_sample=True`).
+  """
+  _check_mode(mode)
+  dtype = _check_float(x).dtype
+  x, q, alpha = _prepare(x, q, alpha)
+  _check_range(lo, hi)
+  validate_window(window)
+  per_sample = bool(per_sample)
+  if mode == "cdl":
+    if uniform is None:
+      uniform = replica_uniform(tf.shape(x), dtype=x.dtype, seed=seed)
+    uniform = tf.cast(uniform, x.dtype)
+  else:
+    uniform = None
+
+  @tf.custom_gradient
+  def _op(x, q, alpha):
+    value, entropy, log2_pmf = _fused_forward(x, q, alpha, uniform, lo, hi,
+                                              window, per_sample)
+
+    def grad(dy, dh):
+      dy = tf.zeros_like(value) if dy is None else dy
+      dh = tf.zeros_like(entropy) if dh is None else dh
+      d_x, d_q, d_alpha = _fused_backward(dy, dh, x, q, alpha, log2_pmf, lo,
+                                          hi, window, per_sample)
+      return (d_x, _unbroadcast(d_q, tf.shape(q)),
+              _unbroadcast(d_alpha, tf.shape(alpha)))
+
+    return (value, entropy), grad
+
+  value, entropy = _op(x, q, alpha)
+  return tf.cast(value, dtype), tf.cast(entropy, dtype)

@@ -434,6 +434,104 @@ class MarginalEntropyTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(max_rel_err(a, n), 1e-4)
 
 
+class FusedQuantizeEntropyTest(tf.test.TestCase, parameterized.TestCase):
+  """`quantize_with_entropy` equals `quantize` + `marginal_entropy`."""
+
+  def unfused_and_fused(self, x, q, alpha, lo, hi, window, mode, per_sample,
+                        uniform, use=("value", "entropy")):
+    """[value, entropy, d/dx, d/dq, d/dalpha] from both paths."""
+    rng = np.random.RandomState(11)
+    upstream = tf.constant(rng.normal(size=x.shape), x.dtype)
+    results = []
+    for fused in (False, True):
+      with tf.GradientTape() as tape:
+        tape.watch([x, q, alpha])
+        if fused:
+          value, entropy = ops.quantize_with_entropy(
+              x, q, alpha, lo, hi, window, mode, per_sample=per_sample,
+              uniform=uniform)
+        else:
+          value = ops.quantize(x, q, alpha, lo, hi, window, mode,
+                               training=True, uniform=uniform)
+          entropy = ops.marginal_entropy(x, q, alpha, lo, hi, window,
+                                         per_sample=per_sample)
+        targets = []
+        if "value" in use:
+          targets.append(tf.reduce_sum(value * upstream))
+        if "entropy" in use:
+          weights = tf.cast(tf.range(1, 1 + tf.size(entropy)), x.dtype)
+          targets.append(tf.reduce_sum(entropy * weights))
+        loss = tf.add_n(targets)
+      results.append([value, entropy] + tape.gradient(loss, [x, q, alpha]))
+    return results
+
+  @parameterized.product(mode=("cdl", "rcdl"), per_sample=(False, True),
+                         window=(1, 2, 3, 5), signed=(True, False))
+  def test_fused_equals_unfused(self, mode, per_sample, window, signed):
+    lo, hi = ops.index_range(3, signed)
+    rng = np.random.RandomState(window)
+    u = rng.uniform(lo - 2, hi + 2, size=(4, 3, 5))
+    u[0, 0, :3] = [lo - 40.0, hi + 40.0, 0.5 * (lo + hi) + 0.5]
+    q = tf.constant([0.1, 0.2, 0.15, 0.3, 0.25], tf.float64)  # per channel
+    x = tf.constant(u, tf.float64) * q
+    alpha = tf.constant(3.0, tf.float64) / (q * q)
+    uniform = tf.constant(rng.uniform(size=u.shape), tf.float64)
+    unfused, fused = self.unfused_and_fused(x, q, alpha, lo, hi, window, mode,
+                                            per_sample, uniform)
+    names = ("value", "entropy", "d_theta", "d_q", "d_alpha")
+    for name, a, b in zip(names, unfused, fused):
+      with self.subTest(output=name):
+        self.assertAllClose(a, b, rtol=1e-10, atol=1e-12)
+
+  @parameterized.named_parameters(("value_only", ("value",)),
+                                  ("entropy_only", ("entropy",)))
+  def test_one_output_used_gives_that_outputs_gradient(self, use):
+    lo, hi = ops.index_range(4, False)
+    rng = np.random.RandomState(2)
+    x = tf.constant(rng.uniform(-0.2, 2.0, size=(3, 40)), tf.float64)
+    q, alpha = tf.constant(0.1, tf.float64), tf.constant(400.0, tf.float64)
+    unfused, fused = self.unfused_and_fused(x, q, alpha, lo, hi, 3, "rcdl",
+                                            True, None, use)
+    for a, b in zip(unfused[2:], fused[2:]):
+      self.assertAllClose(a, b, rtol=1e-10, atol=1e-12)
+
+  def test_fused_gradient_matches_finite_differences(self):
+    lo, hi = ops.index_range(3, True)
+    rng = np.random.RandomState(4)
+    q, kappa = 0.2, 1.5
+    alpha = kappa / q ** 2
+    x = np.concatenate([rng.normal(0, 1.5, size=10), [lo - 0.6, hi + 0.4]]) * q
+    window = ops.window_for_bound(kappa, 1e-14)
+    weights = tf.constant(rng.normal(size=x.shape), tf.float64)
+
+    def f(x, q, a):
+      value, entropy = ops.quantize_with_entropy(x, q, a, lo, hi, window,
+                                                 "rcdl")
+      return tf.reduce_sum(value * weights) + 3.0 * entropy
+
+    args = [tf.constant(v, tf.float64) for v in (x, q, alpha)]
+    analytic, numeric = gradient_jacobians(f, args)
+    for name, a, n in zip(("theta", "q", "alpha"), analytic, numeric):
+      with self.subTest(wrt=name):
+        self.assertGreater(np.max(np.abs(n)), 0.0)
+        self.assertLess(max_rel_err(a, n), 1e-4)
+
+  def test_float32_matches_unfused_and_keeps_dtype(self):
+    lo, hi = ops.index_range(8, True)
+    x = tf.random.stateless_normal([64, 50], seed=[3, 4]) * 0.05
+    q, alpha = tf.constant(0.004), tf.constant(4.0 / 0.004 ** 2)
+    unfused, fused = self.unfused_and_fused(x, q, alpha, lo, hi, 3, "rcdl",
+                                            False, None)
+    self.assertEqual(fused[0].dtype, tf.float32)
+    self.assertEqual(fused[1].dtype, tf.float32)
+    for a, b in zip(unfused, fused):
+      self.assertAllClose(a, b, rtol=2e-5, atol=1e-6 * np.max(np.abs(a)))
+
+  def test_unknown_mode(self):
+    with self.assertRaisesRegex(ValueError, "`mode`"):
+      ops.quantize_with_entropy(tf.zeros([2]), 0.1, 1.0, -1, 1, 3, "ste")
+
+
 class FinitenessTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(("signed_8bit", 8, True),
