@@ -167,14 +167,15 @@ class CDLQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
   def __call__(self, inputs, training, weights, **kwargs):
     q, alpha = self.step_and_alpha(weights, inputs.dtype, inputs.shape.rank)
-    outputs = ops.quantize(inputs, q, alpha, self.lo, self.hi, self.window,
-                           self.mode, training)
     self.last_bits = None
-    if training and self._rate_term is not None:
-      bits = self._rate_term(inputs, q, alpha, self.lo, self.hi, self.window,
-                             weights, training=True)
-      self.last_bits = bits
-      self._layer.add_loss(tf.cast(weights["rate_weight"], bits.dtype) * bits)
+    if not (training and self._rate_term is not None):
+      return ops.quantize(inputs, q, alpha, self.lo, self.hi, self.window,
+                          self.mode, training)
+    # One call for both: the entropy term shares the quantizer's window.
+    outputs, bits = self._rate_term.quantize_and_bits(
+        inputs, q, alpha, self.lo, self.hi, self.window, self.mode, weights)
+    self.last_bits = bits
+    self._layer.add_loss(tf.cast(weights["rate_weight"], bits.dtype) * bits)
     return outputs
 
   def get_config(self):

@@ -56,6 +56,14 @@ class RateTerm(tf.Module, metaclass=abc.ABCMeta):
   def __call__(self, x, q, alpha, lo, hi, window, variables, training=True):
     """Returns the total bits (scalar tensor)."""
 
+  def quantize_and_bits(self, x, q, alpha, lo, hi, window, mode, variables):
+    """Training-mode `ops.quantize(x, ...)` and `self(x, ...)`, as a pair.
+
+    Terms that can share work with the quantizer override this.
+    """
+    value = ops.quantize(x, q, alpha, lo, hi, window, mode, training=True)
+    return value, self(x, q, alpha, lo, hi, window, variables, training=True)
+
 
 class MarginalEntropy(RateTerm):
   """`N * H(Pbar)`: the marginal-PMF entropy of the CDL paper (bits)."""
@@ -65,6 +73,14 @@ class MarginalEntropy(RateTerm):
     entropy = ops.marginal_entropy(x, q, alpha, lo, hi, window,
                                    per_sample=self.per_sample)
     return self._total(entropy, x)
+
+  def quantize_and_bits(self, x, q, alpha, lo, hi, window, mode, variables):
+    """One fused op (`ops.quantize_with_entropy`): the window CPMF is
+    evaluated once per pass for both the quantized value and the entropy."""
+    del variables
+    value, entropy = ops.quantize_with_entropy(
+        x, q, alpha, lo, hi, window, mode, per_sample=self.per_sample)
+    return value, self._total(entropy, x)
 
 
 class LearnedPrior(RateTerm):

@@ -340,6 +340,37 @@ class RateLossTest(tf.test.TestCase, parameterized.TestCase):
     self.assertNotEqual(float(grad), 0.0)
 
 
+  @parameterized.parameters(("rcdl", "entropy"), ("rcdl", "prior"),
+                            ("cdl", "entropy"))
+  def test_rate_on_output_and_gradients_match_separate_ops(self, mode, rate):
+    """With a rate, the output and loss gradients equal ops.quantize plus
+    the rate term called separately (the entropy term takes a fused op)."""
+    q = quantizers.CDLWeightQuantizer(bits=4, mode=mode, kappa=2.0,
+                                      rate=rate)
+    layer, w = build(q, [6, 5])
+    q.set_step(w, 0.1)
+    w["rate_weight"].assign(0.5)
+    x = tf.constant(np.random.RandomState(6).randn(6, 5) * 0.3, tf.float32)
+    upstream = tf.constant(np.random.RandomState(7).randn(6, 5), tf.float32)
+    results = []
+    for separate in (False, True):
+      tf.random.set_seed(1)
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        if separate:
+          step, alpha = q.step_and_alpha(w, x.dtype, 2)
+          y = ops.quantize(x, step, alpha, -7, 7, 3, mode, training=True)
+          bits = q._rate_term(x, step, alpha, -7, 7, 3, w)  # pylint: disable=protected-access
+          loss = 0.5 * bits
+        else:
+          y = layer(x, training=True)
+          loss = tf.add_n(layer.losses)
+        total = tf.reduce_sum(y * upstream) + loss
+      results.append([y, loss] + tape.gradient(
+          total, [x] + layer.trainable_weights))
+    for a, b in zip(*results):
+      self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
+
 class InitialStepTest(tf.test.TestCase):
 
   def test_lsq_rule_per_tensor_and_per_channel(self):

@@ -48,6 +48,28 @@ def test_marginal_entropy_activation_total_is_per_sample_mean():
   np.testing.assert_allclose(bits.numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("mode", ["cdl", "rcdl"])
+def test_quantize_and_bits_equals_quantize_then_bits(per_sample, mode):
+  rng = np.random.RandomState(2)
+  x = tf.constant(np.abs(rng.randn(3, 4, 5)) * 0.5, tf.float32)
+  q, alpha, lo, hi = 0.2, 50.0, 0, 15
+  for term in (rate.MarginalEntropy(per_sample), rate.LearnedPrior(per_sample)):
+    variables = {}
+    if isinstance(term, rate.LearnedPrior):
+      layer = tf.keras.layers.Layer()
+      variables = term.build(layer, "x", lo, hi)
+    tf.random.set_seed(3)
+    value, bits = term.quantize_and_bits(x, q, alpha, lo, hi, 3, mode,
+                                         variables)
+    tf.random.set_seed(3)
+    expected = ops.quantize(x, q, alpha, lo, hi, 3, mode, training=True)
+    np.testing.assert_allclose(value.numpy(), expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        bits.numpy(), term(x, q, alpha, lo, hi, 3, variables).numpy(),
+        rtol=1e-6)
+
+
 def test_learned_prior_builds_trainable_layer_weights_with_gradients():
   layer = tf.keras.layers.Layer()
   term = rate.LearnedPrior(per_sample=False)
