@@ -10,6 +10,8 @@ over `--rounds` rounds after a warm-up call) and peak memory of:
   cdl      keras_cdl.ops.sample_quantize (Q_p forward, analytic Q_d backward)
   H        keras_cdl.ops.marginal_entropy (the weight rate term)
   rcdl+H   both, as one quantized layer's kernel costs in a training step
+           (`ops.quantize_with_entropy`: one fused op, as the quantizers
+           call it when a rate term is on)
 
 on one float32 kernel of 3136 x 1024 = 3,211,264 elements (the Dense layer of
 the Fashion-MNIST convnet), 8-bit signed (A = [-127, 127]), per-tensor step
@@ -147,14 +149,19 @@ def quantizer_fn(kernel, mode, window, jit):
       q, alpha = kernel.step_and_alpha()
       args = (kernel.w, q, alpha, kernel.lo, kernel.hi, window)
       targets, upstream = [], []
-      if mode != "H":
-        quantize = (ops.soft_quantize if mode.startswith("rcdl")
-                    else ops.sample_quantize)
-        targets.append(quantize(*args))
-        upstream.append(kernel.upstream)
-      if mode.endswith("H"):
-        targets.append(ops.marginal_entropy(*args))
-        upstream.append(tf.ones([]))
+      if mode == "rcdl+H":
+        # One fused op, as keras_cdl.quantizers calls it with a rate term.
+        targets.extend(ops.quantize_with_entropy(*args, "rcdl"))
+        upstream.extend([kernel.upstream, tf.ones([])])
+      else:
+        if mode != "H":
+          quantize = (ops.soft_quantize if mode.startswith("rcdl")
+                      else ops.sample_quantize)
+          targets.append(quantize(*args))
+          upstream.append(kernel.upstream)
+        if mode.endswith("H"):
+          targets.append(ops.marginal_entropy(*args))
+          upstream.append(tf.ones([]))
     # The upstream gradient of the quantized kernel is a fixed random tensor.
     return tape.gradient(targets, [kernel.w, kernel.log_q],
                          output_gradients=upstream)
@@ -553,9 +560,10 @@ def main(argv):
   lines += [
       "",
       f"**Rate term and combined cost** (kappa {FLAGS.entropy_kappa:g}; "
-      f"`H` = marginal_entropy forward + backward, `rcdl+H` = soft_quantize "
-      f"and marginal_entropy in one step, as a quantized layer's kernel "
-      f"costs in R-CDL training with a rate term)",
+      f"`H` = marginal_entropy forward + backward, `rcdl+H` = "
+      f"quantize_with_entropy (soft_quantize and marginal_entropy fused), as "
+      f"a quantized layer's kernel costs in R-CDL training with a rate "
+      f"term)",
       "",
       "| term | window | jit | ms | ratio to float step | peak RSS growth MB "
       "(x kernel) | meets 20%? |",
