@@ -334,9 +334,11 @@ def markdown(results, command, date, extra):
         f"{r['restore'] * 1e3:.0f} ms = "
         f"{(r['rebuild'] + r['restore']) * 1e3:.0f} ms against "
         f"{r['decompress'] * 1e3:.0f} ms")
-  lines += ["", "Where decompress's time goes (the rebuild runs beside the "
-            "decoding, which saves time only if a core is free): "
-            + "; ".join(parts) + "."]
+  lines += ["", "Where decompress's time goes (it rebuilds the model while "
+            "a second thread decodes: with a core free that hides the "
+            "decoding, but on this loaded 2-core machine the two slow each "
+            "other down, so decompress can take longer than rebuild and the "
+            "rest in turn): " + "; ".join(parts) + "."]
   lines += extra
   lines.append(END)
   return "\n".join(lines) + "\n"
