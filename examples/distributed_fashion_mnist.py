@@ -101,8 +101,8 @@ def main(argv):
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"])
     # Keras 2.14's default ("auto") sums the workers' step logs: progress
-    # bars, and CDLModel.evaluate, would show metrics times the number of
-    # workers.  Metric results are already synchronised: take the first.
+    # bars would show metrics times the number of workers.  Metric results
+    # are already synchronised: take the first.
     model.distribute_reduction_method = "first"
 
   started = time.time()

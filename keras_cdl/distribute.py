@@ -75,11 +75,9 @@ Caveats (Keras 2.14, TensorFlow 2.14)
   first batch, so the batches no longer line up.
 * Under `MultiWorkerMirroredStrategy` Keras' default
   `distribute_reduction_method` ("auto", meaning "sum") adds up the workers'
-  step logs: progress-bar values, and `CDLModel.evaluate` (whose test logs
-  omit the rate metrics, so Keras keeps the summed logs), come out multiplied
-  by the number of workers.  Set `model.distribute_reduction_method =
-  "first"` (the metric results are already synchronised); the epoch logs of
-  `fit` are right either way.
+  step logs, so progress-bar values come out multiplied by the number of
+  workers; `fit`'s epoch logs and `CDLModel.evaluate` return the metrics'
+  synchronised results and are right either way.
 * `jit_compile=True` under `MirroredStrategy` on logical CPU devices fails in
   XLA ("Trying to access resource ... located in device CPU:1 from device
   CPU:0") for any Keras model, CDL or not; XLA on one device works.
@@ -433,7 +431,12 @@ def _weight_traffic(model, records):
 
 
 def _activation_traffic(model, records, batch):
-  records = [r for r in records if r.kind in ("input", "activation")]
+  # The model's outputs (quantized logits) stay on the last stage.
+  output_layers = {id(t._keras_history.layer)  # pylint: disable=protected-access
+                   for t in tf.nest.flatten(getattr(model, "outputs", None))
+                   if hasattr(t, "_keras_history")}
+  records = [r for r in records if r.kind == "input" or (
+      r.kind == "activation" and id(r.layer) not in output_layers)]
   if not records:
     return [], int(np.shape(tf.nest.flatten(batch)[0])[0])
   if not getattr(model, "_is_graph_network", False):
@@ -481,7 +484,8 @@ def communication_cost(model, batch):
 
   Activations (pipeline model parallelism: a stage sends its output to the
   next): the quantized tensors at each layer boundary where CDL quantizes
-  (the model input and every quantized ReLU output) are evaluated on the real
+  (the model input and every quantized ReLU output; not the model's own
+  outputs, which stay on the last stage) are evaluated on the real
   `batch` in inference mode, their indices range coded as one tensor per
   boundary against the batch's own PMF, next to their float32 size.
 

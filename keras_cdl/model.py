@@ -97,6 +97,12 @@ class _Trackers:
     self.trackers = trackers
 
 
+def _to_python(value):
+  """A metric result as Keras logs hold it: a Python scalar or an array."""
+  value = value.numpy() if hasattr(value, "numpy") else value
+  return value.item() if getattr(value, "ndim", None) == 0 else value
+
+
 @tf.keras.utils.register_keras_serializable(package="keras_cdl")
 class CDLModel(tf.keras.Model):
   """A `tf.keras.Model` whose `fit` logs `bits_per_weight` and `bits_per_activation`."""
@@ -142,3 +148,19 @@ class CDLModel(tf.keras.Model):
   def test_step(self, data):
     logs = super().test_step(data)
     return {k: v for k, v in logs.items() if k not in RATE_METRICS}
+
+  def _validate_and_get_metrics_result(self, logs):
+    """Keras' end-of-loop swap of step logs for the metrics' own results.
+
+    Keras (2.14) makes the swap only when the logs' keys are exactly
+    `self.metrics`' names; `test_step` leaves out the rate trackers, so
+    without this `evaluate` would return the last step's logs, which under
+    `MultiWorkerMirroredStrategy` are summed over the workers.  Here the
+    swap is made for the keys the logs have.
+    """
+    if isinstance(logs, dict):
+      results = self.get_metrics_result()
+      if set(logs) <= set(results) and set(results) - set(logs) <= set(
+          RATE_METRICS):
+        return {k: _to_python(results[k]) for k in logs}
+    return super()._validate_and_get_metrics_result(logs)

@@ -262,10 +262,9 @@ def job_multiworker():
   numbers["history"] = history(h)
   numbers["epochs_run"] = epochs.epochs
   if ARGS.cdl_fit:
-    # Keras 2.14 sums the workers' test-step logs ("auto" reduction), and
-    # CDLModel's test logs lack the rate keys, so Keras does not replace them
-    # by the metrics' own (synchronised) results: evaluate() comes out
-    # multiplied by the number of workers unless the reduction is "first".
+    # Keras 2.14 sums the workers' test-step logs ("auto" reduction);
+    # CDLModel replaces them by the metrics' own (synchronised) results, so
+    # evaluate() is right under either reduction.
     numbers["evaluate_auto"] = float(model.evaluate(dataset, verbose=0))
     model.distribute_reduction_method = "first"
     model.test_function = None
