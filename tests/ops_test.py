@@ -483,6 +483,19 @@ class FusedQuantizeEntropyTest(tf.test.TestCase, parameterized.TestCase):
       with self.subTest(output=name):
         self.assertAllClose(a, b, rtol=1e-10, atol=1e-12)
 
+  @parameterized.parameters("cdl", "rcdl")
+  def test_window_wider_than_the_level_set(self, mode):
+    lo, hi = ops.index_range(2, False)  # 4 levels, window 7
+    rng = np.random.RandomState(9)
+    x = tf.constant(rng.uniform(-0.5, 2.5, size=(5, 6)), tf.float64)
+    q, alpha = tf.constant(0.5, tf.float64), tf.constant(6.0, tf.float64)
+    uniform = tf.constant(rng.uniform(size=(5, 6)), tf.float64)
+    for per_sample in (False, True):
+      unfused, fused = self.unfused_and_fused(x, q, alpha, lo, hi, 7, mode,
+                                              per_sample, uniform)
+      for a, b in zip(unfused, fused):
+        self.assertAllClose(a, b, rtol=1e-10, atol=1e-12)
+
   @parameterized.named_parameters(("value_only", ("value",)),
                                   ("entropy_only", ("entropy",)))
   def test_one_output_used_gives_that_outputs_gradient(self, use):
