@@ -26,7 +26,7 @@ def tiny_quantized(hardness="kappa"):
   ])
   x = np.random.RandomState(0).rand(16, 4).astype(np.float32)
   qmodel = keras_cdl.quantize_model(model, weight_bits=3, activation_bits=3,
-                                    lmbda=0.01, hardness=hardness,
+                                    lmbda=0.01, hardness=hardness, kappa=4.0,
                                     calibration_data=x)
   qmodel.compile(tf.keras.optimizers.Adam(0.01),
                  tf.keras.losses.SparseCategoricalCrossentropy(

@@ -116,11 +116,27 @@ class SequentialTest(tf.test.TestCase):
     self.assertIsInstance(logits, quantizers.CDLActivationQuantizer)
     self.assertEqual((logits.bits, logits.signed, logits.rate),
                      (6, True, None))
-    self.assertEqual(logits.mode, "cdl")
+    self.assertEqual((logits.mode, logits.window), ("rcdl", 2))
     records = by_name(keras_cdl.quantize_model(
         sequential_model(), weight_bits=4, activation_bits=3,
         output_bits=None))
     self.assertNotIn("quant_d2/output", records)
+
+  def test_defaults_are_the_benchmarked_ones(self):
+    # BENCHMARKS.md (frontier): R-CDL, window 2, lmbda 0.3, gamma 0.005.
+    qmodel = keras_cdl.quantize_model(sequential_model())
+    records = by_name(qmodel)
+    for record in records.values():
+      self.assertEqual((record.quantizer.mode, record.quantizer.window,
+                        record.quantizer.hardness), ("rcdl", 2, "alpha"),
+                       record.name)
+      self.assertAllClose(record.kappa, 2.0)  # alpha q^2 at the start.
+    n_weights, n_activations = 6 * 5 + 5 * 3, 5
+    self.assertAllClose(
+        records["quant_d1/kernel"].variables["rate_weight"], 0.3 / n_weights)
+    self.assertAllClose(
+        records["quant_d1/output"].variables["rate_weight"],
+        0.005 / n_activations)
 
   def test_only_linear_outputs_of_quantized_layers_get_an_output_quantizer(
       self):
@@ -146,7 +162,7 @@ class SequentialTest(tf.test.TestCase):
   def test_annotated_layer_keeps_its_config(self):
     inputs = tf.keras.Input((6,))
     config = keras_cdl.CDLQuantizeConfig(
-        ["kernel"], keras_cdl.CDLWeightQuantizer(bits=2, mode="rcdl"))
+        ["kernel"], keras_cdl.CDLWeightQuantizer(bits=2, mode="cdl"))
     h = keras_cdl.quantize_annotate_layer(
         L.Dense(5, activation="relu", name="d1"), config)(inputs)
     outputs = L.Dense(3, name="d2")(h)
@@ -154,10 +170,10 @@ class SequentialTest(tf.test.TestCase):
                                       weight_bits=6, activation_bits=4)
     records = by_name(qmodel)
     self.assertEqual(records["quant_d1/kernel"].quantizer.bits, 2)
-    self.assertEqual(records["quant_d1/kernel"].quantizer.mode, "rcdl")
+    self.assertEqual(records["quant_d1/kernel"].quantizer.mode, "cdl")
     self.assertNotIn("quant_d1/output", records)  # The config has none.
     self.assertEqual(records["quant_d2/kernel"].quantizer.bits, 6)
-    self.assertEqual(records["quant_d2/kernel"].quantizer.mode, "cdl")
+    self.assertEqual(records["quant_d2/kernel"].quantizer.mode, "rcdl")
 
   def test_annotate_rejects_non_config(self):
     with self.assertRaisesRegex(ValueError, "`quantize_config`.*str"):

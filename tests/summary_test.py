@@ -46,7 +46,8 @@ def tiny_model():
       L.ReLU(name="relu"),
       L.Dense(2, name="d2"),
   ])
-  qmodel = keras_cdl.quantize_model(model, weight_bits=3, activation_bits=4)
+  qmodel = keras_cdl.quantize_model(model, weight_bits=3, activation_bits=4,
+                                    hardness="kappa", kappa=4.0)
   for record in introspect.quantized_tensors(qmodel):
     if record.kind == "weight":
       record.weight.assign(KERNEL_1 if record.name == "quant_d1/kernel"
