@@ -42,8 +42,10 @@ out without tfmot:
   re-quantized to `input_scale * step`.  What is exact (checked by
   `to_tflite` and by tests/export_test.py):
 
-  - kernels: int8 values equal the CDL indices, scales equal the CDL steps
-    (float32-exact), zero points 0, for every bit width 2..8;
+  - kernels: int8 values equal the CDL indices times `2^k` and scales the
+    CDL steps over `2^k` (`k = index_shift(i)`, the largest keeping
+    `|i| 2^k <= 127`; `shift_indices=False`: `k = 0`), so the weights are
+    exactly `i q` (float32-exact), zero points 0, for every bit width 2..8;
   - activations: every CDL step `q` is the scale of the int8 tensors carrying
     that activation, zero point -128 (unsigned: int8 = index - 128) or 0
     (signed), values within the CDL index range;
@@ -55,19 +57,21 @@ out without tfmot:
   int32 grid `q_x q_w`, and TFLite's pip kernels round twice
   (`SaturatingRoundingDoublingHighMul`, then `RoundingDivideByPOT` by the
   multiplier's exponent `r`), moving the rounding threshold by up to
-  `2^-(r+1)` of a level (1/32 for LeNet5's first conv, whose multiplier
-  `q_x q_w / q_out` is about 0.036).  So a few percent of the activation
-  indices differ by one from the CDL model's.  The logits are exact in kind:
+  `2^-(r+1)` of a level.  Storing each kernel as `i 2^k` at scale `q / 2^k`
+  (`index_shift`) makes both errors `2^k` times smaller without changing a
+  weight; still, a fraction of a percent of the first layer's activation
+  indices differ by one from the CDL model's, and each difference spreads
+  to the next layers' sums.  The logits are exact in kind:
   `quantize_model` quantizes a final linear layer's output (`output_bits`,
   signed 8 bits by default) and its step is the TFLite output scale, so
   both produce logits on the same int8 grid and break exact ties the same
-  way; 8-20% of the int8 logits still differ by one level because of the
-  arithmetic above.  Top-1 agreement with `model(x, training=False)` on 2000
-  Fashion-MNIST test images (tests/export_test.py): 99.85% for a briefly
-  trained LeNet5-Caffe and 99.35% for a Conv-BN-ReLU model whose logits
-  span only +-2.5 (before the logits were quantized: 98.7% and 98.6%).
-  Every disagreement is an image whose top two CDL logits are within one
-  int8 step.  A model quantized with `output_bits=None` keeps float logits
+  way; 5-20% of the int8 logits still differ by a level or two because of
+  the arithmetic above.  Top-1 agreement with `model(x, training=False)` on
+  2000 Fashion-MNIST test images (tests/export_test.py): 99.80% for a
+  briefly trained LeNet5-Caffe and 99.55% for a Conv-BN-ReLU model whose
+  logits span only +-2.5 (float logits and unshifted kernels: 98.7% and
+  98.6%).  Every disagreement is an image whose top two CDL logits are
+  within two int8 steps.  A model quantized with `output_bits=None` keeps float logits
   and the converter calibrates their int8 scale from `representative_data`.
 
 `fake_quant_with_min_max_vars` is not used by `inference_model`: with
@@ -107,6 +111,7 @@ __all__ = [
     "export_plan",
     "inference_model",
     "run_tflite",
+    "index_shift",
     "to_saved_model",
     "to_tflite",
     "IMPLEMENTATIONS",
@@ -992,7 +997,25 @@ def _dequantized_weights(fb_model, tensor):
   return values * scale, float(np.max(scale))
 
 
-def _rewrite_kernels(tflite_bytes, kernels):
+def index_shift(indices):
+  """Largest `k >= 0` with `max|i| 2^k <= 127`: the kernel's int8 headroom.
+
+  `to_tflite` stores `i 2^k` with scale `q / 2^k` (the same weights, exactly:
+  powers of two scale float32 without rounding).  TFLite requantizes a
+  conv/dense output by `M = q_x q_w / q_out = M_0 2^-r` in two roundings,
+  first to `2^-r` of an output level; dividing `q_w` by `2^k` adds `k` to
+  `r`, so that first rounding is `2^k` times finer.  (4-bit kernels, `|i| <=
+  7`, get `k = 4`; a LeNet5 at 4-bit input and weights had `r = 2`: 8% of its
+  first conv's output indices differed from the CDL model's, 0.6% with the
+  shift.)
+  """
+  top = int(np.max(np.abs(indices), initial=0))
+  if top == 0:
+    return 0
+  return max(0, int(np.floor(np.log2(127.0 / top))))
+
+
+def _rewrite_kernels(tflite_bytes, kernels, shift_indices=True):
   """Writes the CDL indices, steps and re-quantized biases into the flatbuffer."""
   from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
   from tensorflow.lite.python import schema_util  # pylint: disable=g-import-not-at-top
@@ -1026,7 +1049,8 @@ def _rewrite_kernels(tflite_bytes, kernels):
       if best is None:
         continue
       del todo[id(best)]
-      _write_kernel(fb_model, subgraph, op, best, users, schema)
+      _write_kernel(fb_model, subgraph, op, best, users, schema,
+                    shift_indices)
   if todo:
     names = sorted(k.layer for k in todo.values())
     raise RuntimeError(
@@ -1037,13 +1061,17 @@ def _rewrite_kernels(tflite_bytes, kernels):
   return flatbuffer_utils.convert_object_to_bytearray(fb_model)
 
 
-def _write_kernel(fb_model, subgraph, op, kernel, users, schema):
+def _write_kernel(fb_model, subgraph, op, kernel, users, schema,
+                  shift_indices):
   weights = subgraph.tensors[op.inputs[1]]
   indices = _tflite_layout(kernel.indices, kernel.layer_type)
   if np.abs(indices).max(initial=0) > 127:
     raise RuntimeError(f"to_tflite: {kernel.layer} has indices beyond int8.")
   axis = _tflite_axis(kernel.layer_type)
   step = np.asarray(kernel.step, np.float32)
+  shift = index_shift(indices) if shift_indices else 0
+  indices = indices.astype(np.int32) * (1 << shift)
+  step = (step / np.float32(2**shift)).astype(np.float32)
   channels = indices.shape[axis]
   old_scales = np.asarray(weights.quantization.scale, np.float32)
   if step.ndim == 0 and old_scales.size == channels:
@@ -1063,9 +1091,13 @@ def _write_kernel(fb_model, subgraph, op, kernel, users, schema):
       np.abs(float_bias - old_float) > np.asarray(
           bias.quantization.scale, np.float64) * 1.01 + 1e-12):
     float_bias = old_float  # Something was fused into the bias: keep it.
-  bias_scale = (np.float64(input_scale) * np.broadcast_to(
-      step, old_float.shape).astype(np.float64)).astype(np.float32)
-  quantized = np.round(np.asarray(float_bias, np.float64) / bias_scale)
+  # One bias scale per weight scale: TFLite reads a per-tensor weight's
+  # bias scale from its single-scale parameters (a per-channel bias scale
+  # there reads as 0 and fails `scale_diff / output_scale <= 0.02`).
+  bias_scale = (np.float64(input_scale) *
+                step.astype(np.float64)).astype(np.float32)
+  quantized = np.round(np.asarray(float_bias, np.float64) /
+                       np.broadcast_to(bias_scale, old_float.shape))
   if np.any(np.abs(quantized) > 2**31 - 1):
     raise RuntimeError(f"to_tflite: the bias of {kernel.layer} overflows "
                        "int32 at scale input_scale * step.")
@@ -1092,7 +1124,7 @@ def _check_activation_scales(tflite_bytes, activations):
 
 
 def to_tflite(model, path, representative_data, *, io_type="float32",
-              fold_batch_norm=True):
+              fold_batch_norm=True, shift_indices=True):
   """Writes a full-integer int8 TFLite model whose weights are the CDL indices.
 
   See the module docstring for what is exact.  The input is quantized with
@@ -1115,6 +1147,9 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
     fold_batch_norm: fold BatchNorm into the preceding kernel (required for
       exact weights when a BatchNorm directly follows a quantized kernel:
       unfolded, the converter folds it itself with its own scales).
+    shift_indices: store each kernel as `i 2^k` at scale `q / 2^k`, `k =
+      index_shift(i)` (the same weights exactly; TFLite's requantization
+      rounds finer); False stores the indices `i` at scale `q` themselves.
 
   Returns:
     The TFLite flatbuffer as bytes.
@@ -1143,7 +1178,8 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
   dtype = tf.int8 if io_type == "int8" else tf.float32
   converter.inference_input_type = dtype
   converter.inference_output_type = dtype
-  tflite_bytes = _rewrite_kernels(converter.convert(), plan.kernels)
+  tflite_bytes = _rewrite_kernels(converter.convert(), plan.kernels,
+                                  shift_indices)
   _check_activation_scales(tflite_bytes, plan.activations)
   if path is not None:
     with open(path, "wb") as f:

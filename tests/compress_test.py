@@ -107,6 +107,7 @@ def _make_models():
       np.float32)
   a = keras_cdl.quantize_model(small_float_model(), weight_bits=4,
                                activation_bits=4, lmbda=0.01,
+                               hardness="kappa", kappa=4.0,
                                calibration_data=x)
   perturb(a, 1)
   b = keras_cdl.quantize_model(small_float_model(), weight_bits=8,

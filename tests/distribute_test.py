@@ -334,7 +334,8 @@ def _dense_model(batch):
   ], name="tiny")
   return keras_cdl.quantize_model(
       float_model, mode="rcdl", weight_bits=4, activation_bits=4, lmbda=1.0,
-      gamma=0.1, calibration_data=batch)
+      gamma=0.1, hardness="kappa", kappa=4.0, window=3,
+      calibration_data=batch)
 
 
 def _batch(n=32):
