@@ -61,7 +61,7 @@ MODELS = ("float", "qat", "cdl", "rcdl")
 flags.DEFINE_list("archs", ["lenet5", "convnet"], "Architectures.")
 flags.DEFINE_integer("weight_bits", 4, "CDL weight bits.")
 flags.DEFINE_integer("activation_bits", 4, "CDL activation bits.")
-flags.DEFINE_integer("window", 3, "CDL window.")
+flags.DEFINE_integer("window", 2, "CDL window (quantize_model's default).")
 flags.DEFINE_float("lmbda", 1.0, "Weight rate weight.")
 flags.DEFINE_float("gamma", 0.05, "Activation rate weight.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
@@ -184,7 +184,9 @@ def main(argv):
       f"One Keras train-function step (Adam, batch {FLAGS.batch_size}, "
       f"random data).  CDL and R-CDL: {FLAGS.weight_bits}-bit weights, "
       f"{FLAGS.activation_bits}-bit activations, window {FLAGS.window}, "
-      f"rate on (lmbda {FLAGS.lmbda:g}, gamma {FLAGS.gamma:g}); QAT: tfmot "
+      f"rate on (lmbda {FLAGS.lmbda:g}, gamma {FLAGS.gamma:g}), "
+      "quantize_model's default hardness (trainable alpha since commit "
+      "c350260, fixed kappa before); QAT: tfmot "
       f"default 8-bit.  Target (issue 6): CDL <= "
       f"{TARGETS['vs_float']}x float and <= {TARGETS['vs_qat']}x QAT.", "",
       "| arch | clock | float ms | QAT ms | CDL ms | R-CDL ms | QAT / float "
