@@ -432,11 +432,9 @@ def _weight_traffic(model, records):
 
 def _activation_traffic(model, records, batch):
   # The model's outputs (quantized logits) stay on the last stage.
-  output_layers = {id(t._keras_history.layer)  # pylint: disable=protected-access
-                   for t in tf.nest.flatten(getattr(model, "outputs", None))
-                   if hasattr(t, "_keras_history")}
+  outputs = {id(layer) for layer in introspect.output_layers(model)}
   records = [r for r in records if r.kind == "input" or (
-      r.kind == "activation" and id(r.layer) not in output_layers)]
+      r.kind == "activation" and id(r.layer) not in outputs)]
   if not records:
     return [], int(np.shape(tf.nest.flatten(batch)[0])[0])
   if not getattr(model, "_is_graph_network", False):

@@ -71,8 +71,9 @@ out without tfmot:
   briefly trained LeNet5-Caffe and 99.55% for a Conv-BN-ReLU model whose
   logits span only +-2.5 (float logits and unshifted kernels: 98.7% and
   98.6%).  Every disagreement is an image whose top two CDL logits are
-  within two int8 steps.  A model quantized with `output_bits=None` keeps float logits
-  and the converter calibrates their int8 scale from `representative_data`.
+  within two int8 steps.  A model quantized with `output_bits=None` keeps
+  float logits and the converter calibrates their int8 scale from
+  `representative_data`.
 
 `fake_quant_with_min_max_vars` is not used by `inference_model`: with
 `min = 0, max = 255 q` it evaluates `floor(x * (1 / s) + 0.5) * s` with
@@ -807,9 +808,9 @@ def inference_model(model, *, fold_batch_norm=True, values=None):
 
   Kernels are `q * i` (no tfmot wrappers), each CDL activation quantizer is a
   `RoundQuantize` layer, the rest (BatchNorm, pooling, `Add`, `Flatten`,
-  `Dropout`, unquantized logits) is copied.  Without BatchNorm folding the outputs are
-  bitwise equal to the CDL model's; a folded BatchNorm changes float rounding
-  only (see the module docstring).
+  `Dropout`, unquantized logits) is copied.  Without BatchNorm folding the
+  outputs are bitwise equal to the CDL model's; a folded BatchNorm changes
+  float rounding only (see the module docstring).
 
   Args:
     model: a Functional or Sequential CDL model (`keras_cdl.quantize_model`).

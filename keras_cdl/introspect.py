@@ -15,7 +15,7 @@ from tensorflow_model_optimization.python.core.quantization.keras import quantiz
 
 from keras_cdl import quantizers as quantizers_lib
 
-__all__ = ["QuantizedTensor", "quantized_tensors"]
+__all__ = ["QuantizedTensor", "quantized_tensors", "output_layers"]
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 _QuantizeLayer = quantize_layer.QuantizeLayer
@@ -98,3 +98,16 @@ def quantized_tensors(model):
       found.append(QuantizedTensor(layer, f"{layer.name}/input", "input",
                                    layer.quantizer, layer.quantizer_vars))
   return found
+
+
+def output_layers(model):
+  """The layers producing a Functional/Sequential model's outputs, in order.
+
+  A subclassed model (no symbolic outputs) has none.
+  """
+  layers = []
+  for tensor in tf.nest.flatten(getattr(model, "outputs", None) or []):
+    layer = getattr(tensor, "_keras_history", None)
+    if layer is not None and layer.layer not in layers:
+      layers.append(layer.layer)
+  return layers

@@ -137,8 +137,8 @@ def initialize_step_sizes(model, float_model=None, calibration_data=None):
   Signed layer outputs (the logits `output_bits` quantizes) take the range
   rule `q = max|x| / hi` instead: a clipped top logit or a coarse grid near
   the top changes the predicted class, a rare large value does not cost
-  resolution elsewhere.  Weights use their current values.  Activations and the input use the float
-  model's outputs on `calibration_data` (one batch is enough); without it
+  resolution elsewhere.  Weights use their current values.  Activations
+  and the input use the float model's outputs on `calibration_data` (one batch is enough); without it
   they keep their current step.
 
   Args:
@@ -200,15 +200,10 @@ def _linear_output_layers(model):
   Only those with CDL-quantized weights count (`Dense`, `Conv*`): their
   output quantizer becomes the int8 output of an exported model.
   """
-  names = set()
-  for tensor in tf.nest.flatten(model.outputs):
-    layer = tensor._keras_history.layer  # pylint: disable=protected-access
-    activation = getattr(layer, "activation", None)
-    if (scheme_lib.weight_attrs_of(layer) is not None and
-        activation is not None and
-        scheme_lib.activation_name(activation) == "linear"):
-      names.add(layer.name)
-  return names
+  return {layer.name for layer in introspect.output_layers(model)
+          if scheme_lib.weight_attrs_of(layer) is not None and
+          getattr(layer, "activation", None) is not None and
+          scheme_lib.activation_name(layer.activation) == "linear"}
 
 
 def _is_graph_model(model):
