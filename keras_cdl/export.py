@@ -1165,6 +1165,9 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
   if io_type not in IO_TYPES:
     raise ValueError(f"`io_type` must be one of {IO_TYPES}, but got "
                      f"{io_type!r}.")
+  if not isinstance(shift_indices, bool):
+    raise ValueError(f"`shift_indices` must be a bool, but got "
+                     f"{shift_indices!r}.")
   plan = export_plan(model, fold_batch_norm=fold_batch_norm,
                      implementation="fake_quant")
   unsupported = [k.layer for k in plan.kernels if k.layer_type == "other"]
@@ -1208,6 +1211,9 @@ def run_tflite(tflite, x, *, batch_size=1000):
   else:
     interpreter = tf.lite.Interpreter(model_path=os.fspath(tflite))
   x = np.asarray(x)
+  if x.ndim == 0 or len(x) == 0:
+    raise ValueError(f"`x` must be a batch of at least one sample, but got "
+                     f"shape {x.shape}.")
   inputs = interpreter.get_input_details()
   if len(inputs) != 1:
     raise ValueError(f"run_tflite takes single-input models, but the model "

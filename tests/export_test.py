@@ -653,6 +653,25 @@ class ErrorTest(tf.test.TestCase):
       export.export_plan(model, implementation="lut")
     with self.assertRaisesRegex(ValueError, "`step` must be positive"):
       export.RoundQuantize(0.0, 0, 15)
+    with self.assertRaisesRegex(ValueError, "`shift_indices` must be a bool.*"
+                                "'no'"):
+      export.to_tflite(model, None, data, shift_indices="no")
+
+  def test_run_tflite_bad_arguments(self):
+    tflite_bytes, _ = tflite_of("mixed")
+    x = signed_images(4)
+    with self.assertRaisesRegex(ValueError, "`batch_size` must be a positive "
+                                "integer, but got 0"):
+      export.run_tflite(tflite_bytes, x, batch_size=0)
+    with self.assertRaisesRegex(ValueError, "`x` must be a batch of at least "
+                                "one sample.*0, 12, 12, 3"):
+      export.run_tflite(tflite_bytes, x[:0])
+    with self.assertRaisesRegex(ValueError, "`x` must have the model's input "
+                                "dtype float32, but got float64"):
+      export.run_tflite(tflite_bytes, x.astype(np.float64))
+    # Batches of 3 (the last one short) give the same outputs as one batch.
+    self.assertAllEqual(export.run_tflite(tflite_bytes, x, batch_size=3),
+                        run_tflite(tflite_bytes, x))
 
   def test_bad_values(self):
     model = mixed_model(8)
