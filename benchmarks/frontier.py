@@ -2,16 +2,16 @@ r"""Accuracy vs artifact size on Fashion-MNIST: CDL against TFLite and tfmot.
 
     python benchmarks/frontier.py                 # full run (see below)
     python benchmarks/frontier.py --quick         # smoke run
-    python benchmarks/frontier.py --quick --archs=lenet5 \
-        --ablations=kappa_fixed,alpha,prior,window2
+    python benchmarks/frontier.py --archs=lenet5 \
+        --ablations=kappa_anneal,kappa_fixed,window3,prior
 
-Run time: --quick aims at ~10 min on 2 idle cores (it took 33 min for
-LeNet5 with the ablations on a 2-core machine shared with ~5 other jobs);
-the full run is estimated from those step times at ~2.5-3 h on 2 idle cores
-(CDL steps cost ~2.4x float's), so `--archs=lenet5` alone (~75 min) is what
-fits a 90-minute budget.  Run it with `PYTHONPATH` pointing at a snapshot of
-keras_cdl if others edit the package meanwhile: autograph re-reads the source
-when it traces.
+The full run's defaults are sized for 90 minutes on 2 cores: LeNet5-Caffe
+with R-CDL at lmbda {0.3, 1, 3}, CDL at 1 and three ablations; the convnet
+with R-CDL at {0.5, 2} and CDL at 2.  CDL rows use the library's defaults
+(trainable alpha from kappa 2, window 2, marginal entropy) unless an
+ablation row says otherwise.  Run it with `PYTHONPATH` pointing at a snapshot
+of keras_cdl if others edit the package meanwhile: autograph re-reads the
+source when it traces.
 
 For each architecture (LeNet5-Caffe, the Fashion-MNIST authors' convnet) it
 trains and measures, in one process, side by side:
@@ -85,40 +85,50 @@ FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("float", "ptq_dynamic", "ptq_int8", "qat", "prune_cluster", "cdl",
            "rcdl")
-ABLATIONS = ("kappa_fixed", "alpha", "prior", "window2")
+ABLATIONS = ("kappa_anneal", "kappa_fixed", "window3", "prior")
 
 flags.DEFINE_list("archs", ["lenet5", "convnet"], "Architectures.")
 flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
 flags.DEFINE_bool(
     "quick", False,
     "Smoke run: 5000 training / 2000 test images, LeNet5 3 epochs (1+2), "
-    "convnet 2 epochs (1+1), lmbda sweep {0.02, 0.1} on both, gamma "
-    "{0.002}, step "
-    "microbenchmark 2 rounds x 10 steps.  Explicit flags still win.")
-flags.DEFINE_list("lmbdas", ["0.02", "0.1", "0.5"],
-                  "lmbda sweep (loss units per bit per weight).")
-flags.DEFINE_list("lmbdas_convnet", ["0.1"],
-                  "lmbda sweep for the convnet (empty: --lmbdas); fewer "
-                  "points than LeNet5's because a convnet CDL epoch costs "
-                  "~5x LeNet5's.")
-flags.DEFINE_list("gammas", ["0.002"],
+    "convnet 2 epochs (1+1), R-CDL at lmbda {0.3, 3} and CDL at 3 on both, "
+    "no ablations, step microbenchmark 2 rounds x 10 steps.  Explicit "
+    "flags still win.")
+flags.DEFINE_list("lmbdas", ["0.3", "1", "3"],
+                  "R-CDL lmbda sweep (loss units per bit per weight).")
+flags.DEFINE_list("cdl_lmbdas", ["1"],
+                  "CDL lmbda sweep (empty: --lmbdas); one point by default, "
+                  "R-CDL's companion for the CDL vs R-CDL comparison.")
+flags.DEFINE_list("lmbdas_convnet", ["0.5", "2"],
+                  "R-CDL lmbda sweep for the convnet (empty: --lmbdas); "
+                  "fewer points than LeNet5's because a convnet CDL epoch "
+                  "costs ~3x LeNet5's.")
+flags.DEFINE_list("cdl_lmbdas_convnet", ["2"],
+                  "CDL lmbda sweep for the convnet (empty: --cdl_lmbdas).")
+flags.DEFINE_list("gammas", ["0.005"],
                   "gamma sweep (loss units per bit per activation).")
-flags.DEFINE_list("ablations", [],
-                  f"Extra CDL runs at the default lmbda/gamma, one change "
-                  f"each: {ABLATIONS}.  kappa_fixed: kappa=--kappa throughout "
-                  "(no annealing); alpha: hardness='alpha' (trainable alpha, "
-                  "no schedule); prior: rate='prior'; window2: window=2.")
+flags.DEFINE_list("ablations", ["kappa_anneal", "window3", "kappa_fixed"],
+                  f"Extra R-CDL/CDL runs at --default_lmbda/--default_gamma, "
+                  f"one change each from the library's defaults (trainable "
+                  f"alpha from kappa 2, window 2, marginal-entropy rate): "
+                  f"{ABLATIONS}.  kappa_anneal: hardness='kappa' annealed "
+                  "--kappa -> --final_kappa by KappaSchedule; kappa_fixed: "
+                  "hardness='kappa' fixed at --kappa; window3: window=3; "
+                  "prior: rate='prior' (tfc's learned prior; ~3x a CDL "
+                  "step, so not in the default list).")
 flags.DEFINE_list("ablation_archs", ["lenet5"],
                   "Architectures the ablations run on.")
 flags.DEFINE_enum("ablation_mode", "rcdl", ["cdl", "rcdl"],
                   "Mode of the ablation runs.")
-flags.DEFINE_float("default_lmbda", 0.02, "lmbda of the ablation runs.")
-flags.DEFINE_float("default_gamma", 0.002, "gamma of the ablation runs.")
+flags.DEFINE_float("default_lmbda", 0.3, "lmbda of the ablation runs.")
+flags.DEFINE_float("default_gamma", 0.005, "gamma of the ablation runs.")
 flags.DEFINE_integer("weight_bits", 4, "CDL weight bits.")
 flags.DEFINE_integer("activation_bits", 4, "CDL activation bits.")
-flags.DEFINE_float("kappa", 2.0, "Initial CDL hardness.")
-flags.DEFINE_float("final_kappa", 32.0, "Final CDL hardness (geometric).")
-flags.DEFINE_integer("window", 3, "CDL window.")
+flags.DEFINE_float("kappa", 2.0, "Initial CDL hardness (kappa = alpha q^2).")
+flags.DEFINE_float("final_kappa", 32.0,
+                   "Final hardness of the kappa_anneal ablation (geometric).")
+flags.DEFINE_integer("window", 2, "CDL window.")
 flags.DEFINE_integer("epochs_lenet5", 8, "LeNet5 total epochs.")
 flags.DEFINE_integer("pretrain_lenet5", 3, "LeNet5 float pre-training epochs.")
 flags.DEFINE_integer("epochs_convnet", 5, "Convnet total epochs.")
@@ -153,9 +163,9 @@ flags.DEFINE_bool("replot", False,
 
 _QUICK = dict(train_examples=5000, test_examples=2000, epochs_lenet5=3,
               pretrain_lenet5=1, epochs_convnet=2, pretrain_convnet=1,
-              lmbdas=["0.02", "0.1"], lmbdas_convnet=["0.02", "0.1"],
-              gammas=["0.002"], step_rounds=2,
-              step_count=10)
+              lmbdas=["0.3", "3"], cdl_lmbdas=["3"],
+              lmbdas_convnet=["0.3", "3"], cdl_lmbdas_convnet=["3"],
+              ablations=[], step_rounds=2, step_count=10)
 TARGETS = {
     "lenet5": dict(accuracy=0.909, coded_bytes=10 * 1024, float_drop=0.01,
                    ratio=300.0),
@@ -363,8 +373,8 @@ def _cdl_size(model, path):
 
 
 def run_cdl(arch, weights, train, test, epochs, out, mode, lmbda, gamma,
-            calibration, tag="", hardness="kappa", rate="entropy",
-            window=None, anneal=True):
+            calibration, tag="", hardness="alpha", rate="entropy",
+            window=None, anneal=False):
   window = window or FLAGS.window
   model = keras_cdl.quantize_model(
       _fresh(arch, weights), mode=mode, weight_bits=FLAGS.weight_bits,
@@ -401,8 +411,8 @@ def step_benchmark(arch, weights, train, calibration):
     builders[mode] = (lambda mode=mode: keras_cdl.quantize_model(
         _fresh(arch, weights), mode=mode, weight_bits=FLAGS.weight_bits,
         activation_bits=FLAGS.activation_bits, lmbda=FLAGS.default_lmbda,
-        gamma=FLAGS.default_gamma, kappa=FLAGS.kappa, window=FLAGS.window,
-        calibration_data=calibration))
+        gamma=FLAGS.default_gamma, hardness="alpha", kappa=FLAGS.kappa,
+        window=FLAGS.window, calibration_data=calibration))
   # Whole `fit` epochs over the same `step_count` batches (the compiled
   # train function is reused across calls), not `train_on_batch`, whose
   # per-call Python overhead would dilute the ratios.
@@ -425,6 +435,19 @@ def step_benchmark(arch, weights, train, calibration):
 
 # --------------------------------------------------------------------------
 # One architecture.
+
+
+def _sweep(arch, mode):
+  """The lmbda values `mode` ("cdl" or "rcdl") runs at on `arch`."""
+  rcdl = FLAGS.lmbdas
+  if arch == "convnet" and FLAGS.lmbdas_convnet:
+    rcdl = FLAGS.lmbdas_convnet
+  if mode == "rcdl":
+    return rcdl
+  cdl = FLAGS.cdl_lmbdas or rcdl
+  if arch == "convnet" and FLAGS.cdl_lmbdas_convnet:
+    cdl = FLAGS.cdl_lmbdas_convnet
+  return cdl
 
 
 def run_arch(arch, train, test, results, save):
@@ -472,21 +495,20 @@ def run_arch(arch, train, test, results, save):
   if "prune_cluster" in methods:
     rows.append(run_prune_cluster(arch, pretrained, train, test, fine, out))
     save()
-  for mode in ("cdl", "rcdl"):
+  for mode in ("rcdl", "cdl"):
     if mode not in methods:
       continue
-    sweep = FLAGS.lmbdas
-    if arch == "convnet" and FLAGS.lmbdas_convnet:
-      sweep = FLAGS.lmbdas_convnet
+    sweep = _sweep(arch, mode)
     for lmbda in map(float, sweep):
       for gamma in map(float, FLAGS.gammas):
         rows.append(run_cdl(arch, pretrained, train, test, fine, out, mode,
                             lmbda, gamma, calibration))
         save()
-  ablation = dict(kappa_fixed=dict(tag="+fixed_kappa", anneal=False),
-                  alpha=dict(tag="+alpha", hardness="alpha"),
-                  prior=dict(tag="+prior", rate="prior"),
-                  window2=dict(tag="+window2", window=2))
+  ablation = dict(
+      kappa_anneal=dict(tag="+annealed_kappa", hardness="kappa", anneal=True),
+      kappa_fixed=dict(tag="+fixed_kappa", hardness="kappa"),
+      window3=dict(tag="+window3", window=3),
+      prior=dict(tag="+prior", rate="prior"))
   for name in FLAGS.ablations if arch in FLAGS.ablation_archs else ():
     try:
       rows.append(run_cdl(arch, pretrained, train, test, fine, out,
