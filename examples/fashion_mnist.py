@@ -22,6 +22,7 @@ import keras_cdl
 from keras_cdl import architectures
 from keras_cdl import callbacks
 from keras_cdl import datasets
+from keras_cdl import export as export_lib
 from keras_cdl import summary as summary_lib
 
 FLAGS = flags.FLAGS
@@ -93,6 +94,12 @@ def main(argv):
           FLAGS.kappa, FLAGS.final_kappa, FLAGS.epochs)]
     history = qmodel.fit(x_train, y_train, batch_size=FLAGS.batch_size,
                          epochs=FLAGS.epochs, verbose=2, callbacks=schedule)
+    # Training is done: put each bias on the int32 grid the TFLite model will
+    # store it on, so that this model, the .cdl file and the .tflite file
+    # compute one function (see export.snap_biases).
+    moves = export_lib.snap_biases(qmodel)
+    print("biases moved onto the TFLite int32 grid by at most "
+          f"{max(moves.values(), default=0.0):.3f} of a grid step")
     loss, accuracy = qmodel.evaluate(x_test, y_test, verbose=0)
     rep = summary_lib.summary(qmodel)
     results.update({
@@ -114,7 +121,6 @@ def main(argv):
     model = qmodel
     # Storage: the .cdl file (range-coded indices, keras_cdl.compress) and the
     # int8 TFLite model made from the decompressed model.
-    from keras_cdl import export as export_lib  # pylint: disable=g-import-not-at-top
     cdl_path = os.path.join(FLAGS.output_dir, "model.cdl")
     tflite_path = os.path.join(FLAGS.output_dir, "model.tflite")
     keras_cdl.compress(qmodel, cdl_path)
