@@ -136,6 +136,9 @@ def main(argv):
     tflite_top1 = np.argmax(export_lib.run_tflite(tflite_path, x_test), -1)
     tflite_accuracy = float(np.mean(tflite_top1 == y_test))
     agreement = float(np.mean(tflite_top1 == cdl_top1))
+    builtin_top1 = np.argmax(export_lib.run_tflite(
+        tflite_path, x_test, kernels="builtin"), -1)
+    builtin_agreement = float(np.mean(builtin_top1 == cdl_top1))
     results.update({
         "cdl_file_bytes": sizes.file_bytes,
         "cdl_coded_payload_bytes": sizes.coded_payload_bytes,
@@ -145,6 +148,7 @@ def main(argv):
         "tflite_int8_bytes": tflite_bytes,
         "tflite_test_accuracy": tflite_accuracy,
         "tflite_top1_agreement": agreement,
+        "tflite_top1_agreement_builtin_kernels": builtin_agreement,
         "decompressed_outputs_equal": exact,
     })
     print(f"stored: {cdl_path} {sizes.file_bytes:,d} B "
@@ -156,7 +160,8 @@ def main(argv):
           f"the int8 TFLite; decompressed outputs bitwise equal: {exact}")
     print(f"TFLite int8 test accuracy: {tflite_accuracy:.4f}; top-1 "
           f"agreement with keras_cdl inference on {len(x_test)} test "
-          f"images: {agreement:.4f}")
+          f"images: {agreement:.4f} (default kernels; TFLite's builtin "
+          f"kernels without XNNPACK: {builtin_agreement:.4f})")
   results["seconds"] = time.time() - started
   with keras_cdl.quantize_scope():
     model.save(os.path.join(FLAGS.output_dir, "model"))

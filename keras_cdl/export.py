@@ -1318,13 +1318,21 @@ def to_tflite(model, path, representative_data, *, io_type="float32",
   return bytes(tflite_bytes)
 
 
-def run_tflite(tflite, x, *, batch_size=1000):
+KERNELS = ("default", "builtin")
+
+
+def run_tflite(tflite, x, *, batch_size=1000, kernels="default"):
   """Runs a single-input TFLite model on `x` in batches; returns its output.
 
   Args:
     tflite: the flatbuffer (bytes) or the path of a `.tflite` file.
     x: a NumPy array of inputs in the model's input dtype, batch first.
     batch_size: images per `invoke`.
+    kernels: "default" (the Python interpreter's default: XNNPACK kernels
+      where they apply, one float rounding per requantization) or "builtin"
+      (`OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`: TFLite's own
+      optimized kernels, fixed-point requantization with two roundings, as
+      on devices without XNNPACK).
 
   Returns:
     The concatenated output of the model's first output, as a NumPy array.
@@ -1333,10 +1341,17 @@ def run_tflite(tflite, x, *, batch_size=1000):
       batch_size, int) or batch_size < 1:
     raise ValueError(f"`batch_size` must be a positive integer, but got "
                      f"{batch_size!r}.")
+  if kernels not in KERNELS:
+    raise ValueError(f"`kernels` must be one of {KERNELS}, but got "
+                     f"{kernels!r}.")
+  resolver = tf.lite.experimental.OpResolverType
+  options = {} if kernels == "default" else dict(
+      experimental_op_resolver_type=(
+          resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
   if isinstance(tflite, (bytes, bytearray)):
-    interpreter = tf.lite.Interpreter(model_content=bytes(tflite))
+    interpreter = tf.lite.Interpreter(model_content=bytes(tflite), **options)
   else:
-    interpreter = tf.lite.Interpreter(model_path=os.fspath(tflite))
+    interpreter = tf.lite.Interpreter(model_path=os.fspath(tflite), **options)
   x = np.asarray(x)
   if x.ndim == 0 or len(x) == 0:
     raise ValueError(f"`x` must be a batch of at least one sample, but got "

@@ -610,6 +610,30 @@ class TFLiteTest(tf.test.TestCase, parameterized.TestCase):
     self.assertGreaterEqual(np.mean(differences == 0), 0.998)
     self.assertAllLessEqual(np.abs(differences), 1)
 
+  def test_builtin_kernels(self):
+    tflite_bytes, _ = tflite_of("lenet_snapped")
+    _, (x_test, _) = fashion_mnist()
+    x = x_test[:200]
+    interpreter = tf.lite.Interpreter(
+        model_content=tflite_bytes,
+        experimental_op_resolver_type=(
+            tf.lite.experimental.OpResolverType
+            .BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], x)
+    interpreter.invoke()
+    expected = interpreter.get_tensor(
+        interpreter.get_output_details()[0]["index"])
+    builtin = export.run_tflite(tflite_bytes, x, batch_size=64,
+                                kernels="builtin")
+    self.assertAllEqual(builtin, expected)
+    # The two runtimes requantize differently (one rounding or two): some
+    # int8 logits differ.
+    self.assertFalse(np.array_equal(builtin, export.run_tflite(tflite_bytes,
+                                                               x)))
+
   def test_snapped_bn_model_top1_agreement(self):
     agreement, differences, margins, disagree = self._parity("bn_snapped")
     # Measured: 0.9955, as without snapping: the logits read the residual
@@ -783,6 +807,8 @@ class ErrorTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "`x` must have the model's input "
                                 "dtype float32, but got float64"):
       export.run_tflite(tflite_bytes, x.astype(np.float64))
+    with self.assertRaisesRegex(ValueError, "`kernels` must be one of.*'xla'"):
+      export.run_tflite(tflite_bytes, x, kernels="xla")
     # Batches of 3 (the last one short) give the same outputs as one batch.
     self.assertAllEqual(export.run_tflite(tflite_bytes, x, batch_size=3),
                         run_tflite(tflite_bytes, x))
