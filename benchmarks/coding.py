@@ -30,10 +30,10 @@ measurement runs once per round, in turn, so all see the same load):
                  architecture under `quantize_scope`, variables created as
                  zeros as decompress creates them): a fixed cost of the
                  architecture, not of the weights
-  decompress without rebuild  everything `keras_cdl.decompress(path)` does
-                 except the rebuild (`compress._decompress(path, model)`
-                 into an already rebuilt model): read, validate, decode,
-                 check and assign every tensor
+  decompress without rebuild  `keras_cdl.decompress(path, model=rebuilt)`:
+                 everything `keras_cdl.decompress(path)` does except the
+                 rebuild, into an already rebuilt model (config check, read,
+                 validate, decode, check and assign every tensor)
   decompress     `keras_cdl.decompress(path)`: all of the above, the rebuild
                  overlapped with decoding on a second thread
 
@@ -181,7 +181,7 @@ def measure(label, model, repeats, tmp):
       "read": lambda: compress_lib.read_model_file(path),
       "rebuild": lambda: compress_lib._build_model(  # pylint: disable=protected-access
           header["model"], compress_lib._ZeroInit()),  # pylint: disable=protected-access
-      "restore": lambda: compress_lib._decompress(path, rebuilt),  # pylint: disable=protected-access
+      "restore": lambda: keras_cdl.decompress(path, model=rebuilt),
       "decompress": lambda: keras_cdl.decompress(path),
   }, repeats))
   restored = keras_cdl.decompress(path)

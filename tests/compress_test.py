@@ -217,6 +217,40 @@ class RoundTripTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(rebuilt(self.x, training=False).numpy().tobytes(),
                      model(self.x, training=False).numpy().tobytes())
 
+  def test_decompress_into_a_model(self):
+    model = self.models["4bit"]
+    data = compress_lib.encode_model(model)[0]
+    target = keras_cdl.decompress(data)
+    for variable in target.weights:
+      variable.assign(tf.zeros_like(variable))
+    self.assertIs(keras_cdl.decompress(data, model=target), target)
+    self.assertEqual(target(self.x, training=False).numpy().tobytes(),
+                     model(self.x, training=False).numpy().tobytes())
+
+  def test_decompress_into_another_architecture(self):
+    data = compress_lib.encode_model(self.models["4bit"])[0]
+    other = keras_cdl.decompress(data)
+    # Same variables, another activation: the config check catches it.
+    config = other.get_config()
+    for layer in config["layers"]:
+      inner = layer["config"].get("layer", {}).get("config", {})
+      if inner.get("activation") == "relu":
+        inner["activation"] = "elu"
+        break
+    else:
+      self.fail("no ReLU layer to change")
+    with keras_cdl.quantize_scope():
+      changed = type(other).from_config(config)
+    before = [w.numpy() for w in changed.weights]
+    with self.assertRaisesRegex(ValueError, "`model` must have the "
+                                "architecture stored in the file"):
+      keras_cdl.decompress(data, model=changed)
+    for value, variable in zip(before, changed.weights):
+      self.assertAllEqual(value, variable.numpy())
+    with self.assertRaisesRegex(ValueError, "`model` must be a "
+                                "tf.keras.Model or None, but got str"):
+      keras_cdl.decompress(data, model="model.h5")
+
   def test_file_objects(self):
     buffer = io.BytesIO()
     keras_cdl.compress(self.models["4bit"], buffer)
