@@ -41,8 +41,8 @@ of float32 weight bytes to artifact bytes, training seconds per epoch
 (fine-tuning epochs, first epoch excluded when there are several, since it
 includes tracing) and its ratio to float's, and a separate training-step
 microbenchmark (float, tfmot QAT, CDL, R-CDL on the same batches, interleaved
-over `--step_rounds` rounds, median) so that step-cost ratios come from one
-run on one machine.  Timings on a shared machine are only meaningful as
+in rotated order over `--step_rounds` rounds, median) so that step-cost
+ratios come from one run on one machine.  Timings on a shared machine are only meaningful as
 ratios within one run.
 
 Writes BENCHMARKS.md's `<!-- frontier:start -->`...`<!-- frontier:end -->`
@@ -426,8 +426,12 @@ def step_benchmark(arch, weights, train, calibration):
     model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0)  # trace
     models[name] = model
   times = {name: [] for name in models}
-  for _ in range(FLAGS.step_rounds):
-    for name, model in models.items():
+  names = list(models)
+  for round_ in range(FLAGS.step_rounds):
+    # Rotated order, so no model always takes the same place in a round.
+    shift = round_ % len(names)
+    for name in names[shift:] + names[:shift]:
+      model = models[name]
       start = time.perf_counter()
       model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0)
       times[name].append((time.perf_counter() - start) / FLAGS.step_count)
