@@ -1126,10 +1126,13 @@ def snap_biases(model, *, fold_batch_norm=True, shift_indices=True):
       _add(bn.beta, delta)
     else:
       scale, _ = _batch_norm_scale_shift(bn)
+      # A channel with scale 0 has the folded bias 0 (no beta): on the grid.
+      per_scale = np.divide(delta, scale, out=np.zeros_like(delta),
+                            where=scale != 0)
       if getattr(inner, "bias", None) is not None:
-        _add(inner.bias, delta / scale)
+        _add(inner.bias, per_scale)
       else:
-        _add(bn.moving_mean, -delta / scale)
+        _add(bn.moving_mean, -per_scale)
     moved[kernel.layer] = float(np.max(np.abs(delta / grid), initial=0.0))
   return moved
 
