@@ -8,11 +8,11 @@ r"""Accuracy vs artifact size on Fashion-MNIST: CDL against TFLite and tfmot.
 The full run's defaults are sized for 90 minutes on 2 cores: LeNet5-Caffe
 with R-CDL at lmbda {0.3, 1, 3}, CDL at 1 and three ablations; the convnet
 with R-CDL at {0.5, 2} and CDL at 2.  It took 78.5 minutes on 2026-12-05
-(LeNet5 34 minutes, the convnet 44; BENCHMARKS.md), `--quick` 5.5 minutes.  CDL rows use the library's defaults
-(trainable alpha from kappa 2, window 2, marginal entropy) unless an
-ablation row says otherwise.  Run it with `PYTHONPATH` pointing at a snapshot
-of keras_cdl if others edit the package meanwhile: autograph re-reads the
-source when it traces.
+(LeNet5 34 minutes, the convnet 44; BENCHMARKS.md), `--quick` 5.5
+minutes.  CDL rows use the library's defaults (trainable alpha from kappa 2,
+window 2, marginal entropy) unless an ablation row says otherwise.  Run
+it with `PYTHONPATH` pointing at a snapshot of keras_cdl if others edit the
+package meanwhile: autograph re-reads the source when it traces.
 
 For each architecture (LeNet5-Caffe, the Fashion-MNIST authors' convnet) it
 trains and measures, in one process, side by side:
