@@ -897,14 +897,11 @@ def _check_same_architecture(model, model_header):
   found = (_model_class(model), _strip_build_configs(model.get_config()))
   if json.dumps(stored, sort_keys=True, default=str) != json.dumps(
       found, sort_keys=True, default=str):
-    names = [l.get("config", {}).get("name") for l in
-             model_header["config"].get("layers", [])] if isinstance(
-                 model_header["config"], dict) else []
     raise ValueError(
-        f"`model` must have the architecture stored in the file (class "
-        f"{stored[0]}, layers {names}), but got a {found[0]} model with "
-        f"layers {[layer.name for layer in model.layers]} whose config "
-        "differs.")
+        f"`model` must have the architecture stored in the file (a "
+        f"{stored[0]} model with the stored config), but got a {found[0]} "
+        f"model (layers {[layer.name for layer in model.layers]}) whose "
+        "config differs.")
 
 
 def _decompress(source, model=None):
