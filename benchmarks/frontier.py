@@ -42,8 +42,8 @@ of float32 weight bytes to artifact bytes, training seconds per epoch
 includes tracing) and its ratio to float's, and a separate training-step
 microbenchmark (float, tfmot QAT, CDL, R-CDL on the same batches, interleaved
 in rotated order over `--step_rounds` rounds, median) so that step-cost
-ratios come from one run on one machine.  Timings on a shared machine are only meaningful as
-ratios within one run.
+ratios come from one run on one machine.  Timings on a shared machine are
+only meaningful as ratios within one run.
 
 Writes BENCHMARKS.md's `<!-- frontier:start -->`...`<!-- frontier:end -->`
 section (only that section), benchmarks/frontier.png (accuracy vs bytes, log

@@ -1031,6 +1031,12 @@ def index_shift(indices):
   return max(0, int(np.floor(np.log2(127.0 / top))))
 
 
+def _stored_scale(indices, step, shift_indices):
+  """`(k, q / 2^k)`: the index shift and the scale `to_tflite` stores."""
+  shift = index_shift(indices) if shift_indices else 0
+  return shift, np.asarray(step, np.float32) / np.float32(2**shift)
+
+
 def bias_grid(input_step, step):
   """TFLite's int32 bias scale of a kernel: `float32(input_step * step)`.
 
@@ -1065,7 +1071,7 @@ def _input_step(model, name):
     layer = tf.nest.flatten(nodes[0].input_tensors)[0]._keras_history.layer  # pylint: disable=protected-access
     if isinstance(layer, RoundQuantize):
       return np.float32(layer.step)
-    if not isinstance(layer, _SAME_SCALE) or len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
+    if not isinstance(layer, _SAME_SCALE):
       return None
 
 
@@ -1115,8 +1121,7 @@ def snap_biases(model, *, fold_batch_norm=True, shift_indices=True):
     inner, bn = plan.owners[kernel.layer]
     if input_step is None or kernel.bias is None:
       continue
-    shift = index_shift(kernel.indices) if shift_indices else 0
-    step = np.asarray(kernel.step, np.float32) / np.float32(2**shift)
+    _, step = _stored_scale(kernel.indices, kernel.step, shift_indices)
     grid = bias_grid(input_step, step).astype(np.float64)
     bias = kernel.bias.astype(np.float64)
     delta = np.round(bias / grid) * grid - bias
@@ -1196,10 +1201,8 @@ def _write_kernel(fb_model, subgraph, op, kernel, users, schema,
   if np.abs(indices).max(initial=0) > 127:
     raise RuntimeError(f"to_tflite: {kernel.layer} has indices beyond int8.")
   axis = _tflite_axis(kernel.layer_type)
-  step = np.asarray(kernel.step, np.float32)
-  shift = index_shift(indices) if shift_indices else 0
+  shift, step = _stored_scale(indices, kernel.step, shift_indices)
   indices = indices.astype(np.int32) * (1 << shift)
-  step = (step / np.float32(2**shift)).astype(np.float32)
   channels = indices.shape[axis]
   old_scales = np.asarray(weights.quantization.scale, np.float32)
   if step.ndim == 0 and old_scales.size == channels:

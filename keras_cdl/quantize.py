@@ -138,8 +138,8 @@ def initialize_step_sizes(model, float_model=None, calibration_data=None):
   rule `q = max|x| / hi` instead: a clipped top logit or a coarse grid near
   the top changes the predicted class, a rare large value does not cost
   resolution elsewhere.  Weights use their current values.  Activations
-  and the input use the float model's outputs on `calibration_data` (one batch is enough); without it
-  they keep their current step.
+  and the input use the float model's outputs on `calibration_data` (one
+  batch is enough); without it they keep their current step.
 
   Args:
     model: the quantized model.
@@ -227,13 +227,13 @@ def quantize_model(model, mode="rcdl", weight_bits=8, activation_bits=8,
   """Returns a CDL-quantized copy of a Sequential or Functional Keras model.
 
   The defaults are the ones benchmarks/frontier.py settled on Fashion-MNIST
-  (BENCHMARKS.md): R-CDL (ahead of CDL in all six pairs run), a window of 2
-  levels (the same accuracy as 3 at a smaller file and a cheaper step),
-  `lmbda=0.3, gamma=0.005` (LeNet5-Caffe at 4 bits: 0.2 points below float
-  at 37x smaller than float32), and a trainable hardness alpha starting at
-  `kappa = alpha q^2 = 2`: on the accuracy/size frontier of a fixed kappa
-  annealed 2 -> 32 by `keras_cdl.callbacks.KappaSchedule`, with no schedule
-  to set, where a kappa fixed at 2 lost 8 points.
+  (BENCHMARKS.md): R-CDL (ahead of CDL in nine of ten pairs run), a window
+  of 2 levels (the same accuracy as 3 at a 13% smaller file and a cheaper
+  step), `lmbda=0.3, gamma=0.005` (LeNet5-Caffe at 4 bits: 0.3 points below
+  float at 29x smaller than float32), and a trainable hardness alpha
+  starting at `kappa = alpha q^2 = 2`: 0.2 points above a kappa annealed
+  2 -> 32 by `keras_cdl.callbacks.KappaSchedule` at the same size, with no
+  schedule to set, and 3 points above a kappa fixed at 2.
 
   Args:
     model: a built `tf.keras.Sequential` or Functional model, float or
